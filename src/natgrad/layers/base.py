@@ -1,0 +1,118 @@
+"""The per-layer-type interface: how a module's inputs and output gradients become Kronecker
+statistics, and how its parameter gradients become one matrix.
+
+Conventions (see docs/DESIGN.md): a layer's weight is viewed as a matrix ``W`` of shape
+``(d_G, d_A)`` where ``d_G`` is the number of output features (channels) and ``d_A`` the number of
+input features (patch entries), plus one if the layer has a bias (homogeneous coordinate). The
+Kronecker factors are ``A = E[ā āᵀ]`` of shape ``(d_A, d_A)`` and ``G = E[g gᵀ]`` of shape
+``(d_G, d_G)``; the Fisher block is approximated by ``A ⊗ G`` (column-stacking ``vec``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+class LayerHelper(ABC):
+    """Statistics and reshapes for one module.
+
+    Subclasses handle one module type; register them in :data:`natgrad.layers.HELPERS`.
+    """
+
+    module_type: ClassVar[type[nn.Module]]
+    kind: ClassVar[str]
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    # ---------------------------------------------------------------- support
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        """Why this module cannot be preconditioned (``None`` if it can)."""
+        return None
+
+    # ---------------------------------------------------------------- shapes
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The parameters this helper preconditions, weight first."""
+        ps = [self.module.weight]
+        if self.has_bias:
+            ps.append(self.module.bias)
+        return ps
+
+    @property
+    def out_dim(self) -> int:
+        """``d_G``: size of the output-gradient factor."""
+        return int(self.module.weight.shape[0])
+
+    @property
+    def in_dim(self) -> int:
+        """``d_A``: size of the input factor (bias coordinate included)."""
+        return int(self.module.weight[0].numel()) + int(self.has_bias)
+
+    @property
+    def num_params(self) -> int:
+        return self.out_dim * self.in_dim
+
+    # ---------------------------------------------------------------- statistics
+    @abstractmethod
+    def input_rows(self, inputs: Tensor) -> Tensor:
+        """Rows ``ā`` of the input statistics.
+
+        Args:
+            inputs: the module's input, batch first, ``(m, ...)``.
+
+        Returns:
+            ``(n, d_A)`` with ``n = m · T`` (``T`` locations per sample; 1 for Linear); the bias
+            coordinate (a column of ones) is appended when the layer has a bias.
+        """
+
+    @abstractmethod
+    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
+        """Rows ``g`` of the output-gradient statistics, ``(n, d_G)``, from ``(m, ...)``."""
+
+    @abstractmethod
+    def locations(self, grad_output_or_output: Tensor) -> int:
+        """``T``: the number of spatial locations per sample (1 for Linear)."""
+
+    def input_scale(self, num_samples: int) -> float:
+        """``A = input_scale · XᵀX`` for the ``X`` of :meth:`input_rows` over ``num_samples``."""
+        return 1.0 / num_samples
+
+    def output_grad_scale(self, num_samples: int, locations: int) -> float:
+        """``G = output_grad_scale · YᵀY``; KFC convention ``G = (1/T) E[Σ_t g_t g_tᵀ]``."""
+        return 1.0 / (num_samples * locations)
+
+    # ---------------------------------------------------------------- gradients
+    def grad_matrix(self, grads: list[Tensor] | None = None) -> Tensor:
+        """The gradient as a ``(d_G, d_A)`` matrix ``[∇W | ∇b]``.
+
+        Args:
+            grads: tensors shaped like :attr:`params` (default: their ``.grad``).
+        """
+        if grads is None:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        w = grads[0].reshape(self.out_dim, -1)
+        if self.has_bias:
+            return torch.cat([w, grads[1].reshape(-1, 1)], dim=1)
+        return w
+
+    def split_matrix(self, mat: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`grad_matrix`: a ``(d_G, d_A)`` matrix as tensors shaped like params."""
+        w = self.module.weight
+        if self.has_bias:
+            return [mat[:, :-1].reshape(w.shape), mat[:, -1].reshape(self.module.bias.shape)]
+        return [mat.reshape(w.shape)]
+
+    def _append_ones(self, rows: Tensor) -> Tensor:
+        if not self.has_bias:
+            return rows
+        return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
