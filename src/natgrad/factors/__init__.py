@@ -1,0 +1,43 @@
+"""Kronecker-factor strategies behind one interface (:class:`KroneckerFactor`), chosen by name.
+
+Adding a strategy = one module with a :class:`KroneckerFactor` subclass and one entry in
+:data:`STRATEGIES`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import DenseFactor, FactorRefreshError, KroneckerFactor
+from .cholesky import CholeskyFactor
+from .eigh import EighFactor
+from .kronecker import kronecker_matvec, precondition, refresh_pair, split_damping
+
+STRATEGIES: dict[str, type[KroneckerFactor]] = {
+    EighFactor.name: EighFactor,
+    CholeskyFactor.name: CholeskyFactor,
+}
+
+
+def make_factor(strategy: str, dim: int, **options: Any) -> KroneckerFactor:
+    """A new factor of the named strategy (``ValueError`` listing the accepted names otherwise)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"factors={strategy!r} is not a known strategy; accepted values: {sorted(STRATEGIES)}"
+        )
+    return STRATEGIES[strategy].create(dim, **options)
+
+
+__all__ = [
+    "STRATEGIES",
+    "KroneckerFactor",
+    "DenseFactor",
+    "FactorRefreshError",
+    "EighFactor",
+    "CholeskyFactor",
+    "make_factor",
+    "precondition",
+    "refresh_pair",
+    "split_damping",
+    "kronecker_matvec",
+]
