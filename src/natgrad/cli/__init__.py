@@ -1,0 +1,1 @@
+"""Command-line interface: ``natgrad <command>``; see :mod:`natgrad.cli.main`."""

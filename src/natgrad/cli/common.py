@@ -1,0 +1,71 @@
+"""Helpers shared by the sub-commands: one-line usage errors and argument parsers."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Sequence
+from typing import NoReturn
+
+
+class UsageError(Exception):
+    """Bad command-line input; :func:`natgrad.cli.main.main` prints it as one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are a single line on stderr (no usage dump), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def split_list(text: str) -> list[str]:
+    """``"a, b,,c"`` → ``["a", "b", "c"]``."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_names(text: str, accepted: Iterable[str], what: str) -> list[str]:
+    """A comma list of registry names; rejects unknown and repeated names."""
+    accepted = list(accepted)
+    names = split_list(text)
+    if not names:
+        raise UsageError(f"no {what} given; accepted: {', '.join(accepted)}")
+    for name in names:
+        if name not in accepted:
+            raise UsageError(f"unknown {what} {name!r}; accepted: {', '.join(accepted)}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"a {what} is listed twice in {text!r}")
+    return names
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``"1024,1024"`` → ``(1024, 1024)``; positive integers only."""
+    try:
+        widths = tuple(int(p) for p in split_list(text))
+    except ValueError:
+        widths = ()
+    if not widths or any(w <= 0 for w in widths):
+        raise UsageError(f"--hidden expects positive integers like 1024,1024, got {text!r}")
+    return widths
+
+
+def parse_lrs(items: Sequence[str] | None, names: Sequence[str]) -> dict[str, float]:
+    """``--lr`` values (``NAME=VALUE``, repeatable or comma-separated) → ``{name: lr}``."""
+    lrs: dict[str, float] = {}
+    for item in items or ():
+        for pair in split_list(item):
+            name, sep, value = pair.partition("=")
+            name = name.strip()
+            try:
+                lr = float(value) if sep else float("nan")
+            except ValueError:
+                lr = float("nan")
+            if not lr > 0 or lr == float("inf"):
+                raise UsageError(
+                    f"--lr expects NAME=VALUE with a positive number (e.g. sgd=0.05), got {pair!r}"
+                )
+            if name not in names:
+                raise UsageError(
+                    f"--lr names optimizer {name!r}, not among --optimizers: {', '.join(names)}"
+                )
+            lrs[name] = lr
+    return lrs

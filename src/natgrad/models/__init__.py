@@ -1,0 +1,31 @@
+"""Models: :class:`MLP`, :class:`SmallCNN`, :class:`DeepAutoencoder` and the :data:`MODELS` table.
+
+>>> from natgrad.data import dataset_info
+>>> model = build_model("mlp", dataset_info("mnist5k"))
+>>> loss_kind("autoencoder")
+'bce'
+"""
+
+from .nets import MLP, DeepAutoencoder, SmallCNN
+from .registry import (
+    MODELS,
+    ModelSpec,
+    build_model,
+    get_model_spec,
+    load_checkpoint,
+    loss_kind,
+    save_checkpoint,
+)
+
+__all__ = [
+    "MLP",
+    "MODELS",
+    "DeepAutoencoder",
+    "ModelSpec",
+    "SmallCNN",
+    "build_model",
+    "get_model_spec",
+    "load_checkpoint",
+    "loss_kind",
+    "save_checkpoint",
+]

@@ -1,0 +1,142 @@
+"""The table of models: name → builder, loss kind and default widths. Adding a model is one entry.
+
+Checkpoints written by :func:`save_checkpoint` hold the registry name, widths and data-set info
+next to the ``state_dict``, so :func:`load_checkpoint` can rebuild the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.base import DatasetInfo
+from .nets import MLP, DeepAutoencoder, SmallCNN
+
+Builder = Callable[[DatasetInfo, tuple[int, ...]], nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry.
+
+    Attributes:
+        builder: ``builder(info, hidden) -> nn.Module``.
+        loss_kind: key of :data:`natgrad.losses.LOSSES` the model is trained with.
+        default_hidden: widths used when none are given (empty: the model takes no widths).
+        reconstruct: the target is the input itself (autoencoders), not the label.
+        needs_images: the model needs ``(C, H, W)`` inputs (``[0, 1]`` pixels for ``bce``).
+    """
+
+    builder: Builder
+    loss_kind: str
+    default_hidden: tuple[int, ...] = ()
+    reconstruct: bool = False
+    needs_images: bool = False
+
+    @property
+    def takes_hidden(self) -> bool:
+        """Whether ``hidden`` widths are meaningful for this model."""
+        return bool(self.default_hidden)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec(
+        lambda info, h: MLP(info.in_features, h, info.num_classes),
+        "cross_entropy",
+        default_hidden=(256, 128),
+    ),
+    "cnn": ModelSpec(
+        lambda info, h: SmallCNN(info.in_channels, info.num_classes, info.image_size),
+        "cross_entropy",
+        needs_images=True,
+    ),
+    "autoencoder": ModelSpec(
+        lambda info, h: DeepAutoencoder(info.in_features, h),
+        "bce",
+        default_hidden=(1000, 500, 250, 30),
+        reconstruct=True,
+        needs_images=True,
+    ),
+}
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``; ``ValueError`` listing the accepted names otherwise."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODELS)}") from None
+
+
+def loss_kind(name: str) -> str:
+    """The loss kind (``"cross_entropy"``, ``"bce"``, …) a registered model is trained with."""
+    return get_model_spec(name).loss_kind
+
+
+def check_model_args(name: str, info: DatasetInfo, hidden: Sequence[int] | None) -> ModelSpec:
+    """Validate a model / data-set / widths combination; ``ValueError`` saying what is wrong."""
+    spec = get_model_spec(name)
+    if spec.needs_images and not info.is_image:
+        raise ValueError(f"model {name!r} needs an image data set, not {info.name!r}")
+    if hidden is not None:
+        if not spec.takes_hidden:
+            raise ValueError(f"model {name!r} takes no hidden widths")
+        if len(hidden) == 0 or any(h <= 0 for h in hidden):
+            raise ValueError(f"hidden widths must be positive integers, got {tuple(hidden)}")
+    return spec
+
+
+def build_model(
+    name: str, dataset_info: DatasetInfo, hidden: Sequence[int] | None = None
+) -> nn.Module:
+    """Build a registered model for a data set (initialised from torch's global RNG).
+
+    Args:
+        name: ``"mlp"``, ``"cnn"`` or ``"autoencoder"``.
+        dataset_info: input shape and number of classes.
+        hidden: widths (MLP hidden layers; autoencoder encoder widths); default per model.
+    """
+    spec = check_model_args(name, dataset_info, hidden)
+    widths = tuple(hidden) if hidden is not None else spec.default_hidden
+    return spec.builder(dataset_info, widths)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    name: str,
+    dataset_info: DatasetInfo,
+    hidden: Sequence[int] | None = None,
+    **extra: Any,
+) -> Path:
+    """Save ``{"model", "hidden", "dataset", "input_shape", "num_classes", "state_dict", …}``."""
+    spec = get_model_spec(name)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": name,
+        "hidden": list(hidden) if hidden is not None else list(spec.default_hidden),
+        "dataset": dataset_info.name,
+        "input_shape": list(dataset_info.input_shape),
+        "num_classes": dataset_info.num_classes,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+    torch.save(payload, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_checkpoint`; returns ``(model, checkpoint dict)``."""
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    info = DatasetInfo(ckpt["dataset"], tuple(ckpt["input_shape"]), ckpt["num_classes"])
+    spec = get_model_spec(ckpt["model"])
+    hidden = tuple(ckpt["hidden"]) if spec.takes_hidden else None
+    model = build_model(ckpt["model"], info, hidden)
+    model.load_state_dict(ckpt["state_dict"])
+    return model, ckpt

@@ -1,0 +1,127 @@
+"""The table of optimizers the CLI and benchmarks can build by name.
+
+An entry is a factory ``factory(model, params, lr, loss_kind, **kwargs) -> torch.optim.Optimizer``
+and a default learning rate. Adding an optimizer is one entry in :data:`OPTIMIZERS` (import it
+inside the factory so this module stays light), e.g.::
+
+    def _kfac(model, params, lr, loss_kind, **kw):
+        from .kfac import KFAC
+        return KFAC(model, lr=lr, loss=loss_kind, **kw)
+
+    OPTIMIZERS["kfac"] = OptimizerSpec(_kfac, default_lr=..., description="K-FAC")
+
+The model is passed so that curvature-aware optimizers can attach their module hooks; first-order
+ones use only ``params``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+Factory = Callable[..., torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One registry entry.
+
+    Attributes:
+        factory: ``factory(model, params, lr, loss_kind, **kwargs) -> Optimizer``.
+        default_lr: learning rate used when none is given.
+        description: one line for ``--help``.
+        lr_by_loss: default learning rates that differ by loss kind (e.g. ``{"bce": 1e-3}`` where
+            the summed reconstruction loss makes gradients larger), overriding ``default_lr``.
+    """
+
+    factory: Factory
+    default_lr: float
+    description: str = ""
+    lr_by_loss: dict[str, float] = field(default_factory=dict)
+
+    def lr_for(self, loss_kind: str) -> float:
+        """The default learning rate for a loss kind."""
+        return self.lr_by_loss.get(loss_kind, self.default_lr)
+
+
+def _sgd(
+    model: nn.Module, params: Params, lr: float, loss_kind: str, **kw: Any
+) -> torch.optim.Optimizer:
+    kw.setdefault("momentum", 0.9)
+    return torch.optim.SGD(params, lr=lr, **kw)
+
+
+def _adam(
+    model: nn.Module, params: Params, lr: float, loss_kind: str, **kw: Any
+) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, **kw)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec(
+        _sgd, default_lr=0.05, description="SGD, momentum 0.9", lr_by_loss={"bce": 3e-3}
+    ),
+    "adam": OptimizerSpec(_adam, default_lr=1e-3, description="Adam"),
+}
+
+
+def get_optimizer_spec(name: str) -> OptimizerSpec:
+    """The registry entry for ``name``; ``ValueError`` listing the accepted names otherwise."""
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown optimizer {name!r}; accepted: {', '.join(OPTIMIZERS)}"
+        ) from None
+
+
+def make_optimizer(
+    name: str,
+    model: nn.Module,
+    lr: float | None = None,
+    loss_kind: str = "cross_entropy",
+    params: Params | None = None,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """Build a registered optimizer for ``model``.
+
+    Args:
+        name: registry name (``"sgd"``, ``"adam"``, …).
+        model: the network (hooked by curvature-aware optimizers).
+        lr: learning rate; the entry's default for ``loss_kind`` when ``None``.
+        loss_kind: the model's loss kind (see :mod:`natgrad.losses`).
+        params: parameters or param groups; ``model.parameters()`` when ``None``.
+        **kwargs: passed to the factory (e.g. ``weight_decay``).
+    """
+    spec = get_optimizer_spec(name)
+    if lr is None:
+        lr = spec.lr_for(loss_kind)
+    if not lr > 0:
+        raise ValueError(f"learning rate must be positive, got {lr}")
+    if params is None:
+        params = model.parameters()
+    return spec.factory(model, params, lr, loss_kind, **kwargs)
+
+
+def _kfac_strategy(strategy: str) -> Factory:
+    """A factory for :class:`natgrad.KFAC` with the named factor strategy."""
+
+    def factory(
+        model: nn.Module, params: Params, lr: float, loss_kind: str, **kw: Any
+    ) -> torch.optim.Optimizer:
+        from .kfac import KFAC
+
+        kw.setdefault("factors", strategy)
+        return KFAC(model, lr=lr, params=params, loss=loss_kind, **kw)
+
+    return factory
+
+
+OPTIMIZERS["kfac"] = OptimizerSpec(
+    _kfac_strategy("eigh"), default_lr=0.05, description="K-FAC, dense eigendecompositions"
+)

@@ -1,0 +1,104 @@
+"""Plain-text tables, JSON output and comparison plots shared by the command-line tools."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: floats to ``digits`` significant figures, ``None`` as ``-``."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned first column, right-aligned others, a rule under the header."""
+    cells = [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [values[0].ljust(widths[0])]
+        parts += [v.rjust(w) for v, w in zip(values[1:], widths[1:])]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(list(headers)), rule, *(line(r) for r in cells)])
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats → ``None`` (JSON has no NaN), tuples → lists, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented, strictly valid JSON (NaN/inf become ``null``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def plot_runs(runs: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Plots of a comparison: loss vs cumulative training time, and accuracy vs epoch.
+
+    ``runs`` are result dicts with ``optimizer`` and ``history`` rows (``epoch``, ``time_s``,
+    ``train_loss``, ``test_loss``, ``test_accuracy``). Without accuracies (autoencoder), the second
+    plot shows the test loss per epoch. Returns the PNG paths.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        h = run["history"]
+        t = [r["time_s"] for r in h]
+        (line,) = ax.plot(t, [r["test_loss"] for r in h], marker="o", ms=3, label=run["optimizer"])
+        ax.plot(t, [r["train_loss"] for r in h], ls="--", color=line.get_color())
+    ax.set(xlabel="training time (s)", ylabel="loss (solid: test, dashed: train)", yscale="log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "loss_vs_time.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    has_acc = any(r["history"] and r["history"][0]["test_accuracy"] is not None for r in runs)
+    key, label, name = (
+        ("test_accuracy", "test accuracy", "accuracy_vs_epoch.png")
+        if has_acc
+        else ("test_loss", "test loss", "test_loss_vs_epoch.png")
+    )
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        h = run["history"]
+        ax.plot([r["epoch"] for r in h], [r[key] for r in h], marker="o", ms=3,
+                label=run["optimizer"])
+    ax.set(xlabel="epoch", ylabel=label)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / name)
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

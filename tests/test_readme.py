@@ -1,0 +1,26 @@
+"""The README's Python example runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python example"
+    for code in blocks:
+        exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+    assert "test accuracy after one epoch" in capsys.readouterr().out
+
+
+def test_readme_set_up_has_exactly_two_commands():
+    text = README.read_text()
+    section = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    assert [c.strip() for c in commands] == [
+        "pip install torch==2.13.0 && pip install -e . && natgrad compare",
+        "pip install torch==2.13.0 && pip install -e '.[dev]' && ruff check . && pytest",
+    ]
