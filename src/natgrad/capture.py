@@ -118,6 +118,11 @@ class CurvatureCapture:
         outs = [self._pending.pop(n) for n in names]
         if not isinstance(output, Tensor) or not output.requires_grad:
             return
+        if not bool(torch.isfinite(output.detach()).all()):
+            # nothing sensible to sample from; the optimizer skips this step's gradient anyway
+            for name in names:
+                self._buffers[name] = _Buffer()
+            return
         if self.fisher == "exact":
             flat = output.flatten(1)
             B = self.likelihood.hessian_sqrt(flat.detach())  # (m, C, C)
