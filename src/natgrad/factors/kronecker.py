@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from .base import KroneckerFactor
@@ -37,22 +38,37 @@ def refresh_pair(A: KroneckerFactor, G: KroneckerFactor, damping: float) -> None
 
 
 def _spectral_solve(V: Tensor, A: KroneckerFactor, G: KroneckerFactor, damping: float) -> Tensor:
+    """Exact ``(A ⊗ G + λ I)⁻¹`` on ``V`` for ``F = U diag(μ) Uᵀ + σ (I − U Uᵀ)`` factors.
+
+    With ``X = U_Gᵀ V``, ``Y = V U_A``, ``Z = U_Gᵀ V U_A`` and ``c = 1/(σ_G σ_A + λ)`` the four
+    blocks collapse to ``c V + U_G M₁ + M₂ U_Aᵀ + U_G M₃ U_Aᵀ``: four ``O(d_G d_A r)`` products.
+    """
     Ua, mu_a, sig_a = A.eigen()
     Ug, mu_g, sig_g = G.eigen()
     full_a, full_g = Ua.shape[1] == A.dim, Ug.shape[1] == G.dim
-    Ug_V = Ug.T @ V  # (r_G, d_A)
-    core = Ug_V @ Ua  # (r_G, r_A)
-    out = Ug @ ((core / (mu_g[:, None] * mu_a[None, :] + damping)) @ Ua.T)
-    if not full_a:  # G-subspace × A-complement
-        rest = Ug_V - core @ Ua.T
-        out = out + Ug @ (rest / (mu_g[:, None] * sig_a + damping))
-    if not full_g:  # G-complement
-        R = V - Ug @ Ug_V  # (d_G, d_A)
-        R_Ua = R @ Ua
-        out = out + (R_Ua / (sig_g * mu_a[None, :] + damping)) @ Ua.T
-        if not full_a:
-            out = out + (R - R_Ua @ Ua.T) / (sig_g * sig_a + damping)
-    return out
+    inv_core = 1.0 / (mu_g[:, None] * mu_a[None, :] + damping)  # (r_G, r_A)
+    if full_a and full_g:
+        return Ug @ (((Ug.T @ V) @ Ua) * inv_core) @ Ua.T
+    if full_g:  # A low rank: U_G [D₂ X + (C∘Z − D₂ Z) U_Aᵀ], D₂ = 1/(μ_G σ_A + λ)
+        X = Ug.T @ V
+        Z = X @ Ua
+        d2 = 1.0 / (mu_g[:, None] * sig_a + damping)
+        return Ug @ (d2 * X + (Z * inv_core - d2 * Z) @ Ua.T)
+    if full_a:  # G low rank: [Y D₃ + U_G (C∘Z − Z D₃)] U_Aᵀ, D₃ = 1/(σ_G μ_A + λ)
+        Y = V @ Ua
+        Z = Ug.T @ Y
+        d3 = 1.0 / (sig_g * mu_a[None, :] + damping)
+        return (Y * d3 + Ug @ (Z * inv_core - Z * d3)) @ Ua.T
+    c = 1.0 / (sig_g * sig_a + damping)
+    X = Ug.T @ V  # (r_G, d_A)
+    Y = V @ Ua  # (d_G, r_A)
+    Z = X @ Ua  # (r_G, r_A)
+    d2 = 1.0 / (mu_g[:, None] * sig_a + damping)  # (r_G, 1)
+    d3 = 1.0 / (sig_g * mu_a[None, :] + damping)  # (1, r_A)
+    M1 = (d2 - c) * X
+    M2 = Y * (d3 - c)
+    M3 = Z * inv_core - d2 * Z - Z * d3 + c * Z
+    return torch.addmm(Ug @ torch.addmm(M1, M3, Ua.T), M2, Ua.T).add_(V, alpha=c)
 
 
 def precondition(V: Tensor, A: KroneckerFactor, G: KroneckerFactor, damping: float) -> Tensor:
