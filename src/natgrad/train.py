@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum, is_main, shard
 from .losses import LossKind, get_loss
 
 HistoryRow = dict[str, Any]
@@ -184,7 +185,7 @@ def train(
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
         desc=config.desc or None,
-        disable=not config.progress,
+        disable=not config.progress or not is_main(),
         leave=False,
         dynamic_ncols=True,
     )
@@ -197,7 +198,7 @@ def train(
             for start in range(0, n, config.batch_size):
                 t0 = time.perf_counter()
                 idx = order[start : start + config.batch_size]
-                x, y = x_all[idx], y_all[idx]
+                x, y = shard((x_all[idx], y_all[idx]))  # this rank's part of the global batch
                 out = model(x)
                 batch_loss = loss.fn(out, y)
                 optimizer.zero_grad()
@@ -207,11 +208,12 @@ def train(
                 result.step_times_s.append(time.perf_counter() - t0)
                 epoch_loss += value * x.shape[0]
                 bar.update(1)
-                if not math.isfinite(value):
+                if all_reduce_sum(0.0 if math.isfinite(value) else 1.0) > 0:  # every rank stops
                     result.diverged = True
                     break
             _sync(device)
             train_time += time.perf_counter() - epoch_start
+            epoch_loss = all_reduce_sum(epoch_loss)
             bar.set_postfix(loss=f"{epoch_loss / n:.4g}")
 
             t_eval = time.perf_counter()

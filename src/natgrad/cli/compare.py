@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from .. import __version__
 from ..data import DATASETS, DataError, DatasetInfo, load_dataset
 from ..data.base import ArrayDataset
+from ..distributed import init_from_env, is_main
 from ..models import MODELS, build_model, get_model_spec, save_checkpoint
 from ..models.registry import check_model_args
+from ..optim.kfac import unwrap
 from ..optim.registry import OPTIMIZERS, get_optimizer_spec, make_optimizer
 from ..report import format_table, plot_runs, write_json
 from ..train import TrainConfig, TrainResult, train
@@ -209,23 +212,29 @@ def _summary_table(runs: list[dict[str, Any]], reconstruct: bool) -> str:
     return format_table(headers, rows)
 
 
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """``print`` on ranks other than 0."""
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate, load the data, train once per optimizer, print tables, write JSON and plots."""
     checked = validate(args)
+    dist_info = init_from_env(device=str(checked["device"]))  # torchrun: one process per rank
+    say = print if is_main() else _quiet
     train_set, test_set = _load(args)
     info = train_set.info
     spec = get_model_spec(args.model)
     loss_kind = spec.loss_kind
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = checked["device"]
+    device = dist_info.device if dist_info.distributed else checked["device"]
 
     torch.manual_seed(args.seed)
     initial = build_model(args.model, info, checked["hidden"])
     num_params = sum(p.numel() for p in initial.parameters())
     train_data = _targets(train_set, spec.reconstruct)
     test_data = _targets(test_set, spec.reconstruct)
-    print(
+    say(
         f"natgrad compare: {args.model} ({num_params:,} parameters) on {info.name} "
         f"({len(train_set)} train / {len(test_set)} test), loss {loss_kind}, "
         f"{args.epochs} epochs, batch {args.batch_size}, {torch.get_num_threads()} threads, "
@@ -236,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
     for name in checked["optimizers"]:
         lr = checked["lrs"].get(name, get_optimizer_spec(name).lr_for(loss_kind))
         model = copy.deepcopy(initial).to(device)
+        if dist_info.distributed:  # gradients averaged by DDP; K-FAC unwraps it for its hooks
+            model = nn.parallel.DistributedDataParallel(model)
         optimizer = make_optimizer(name, model, lr=lr, loss_kind=loss_kind)
         config = TrainConfig(
             epochs=args.epochs,
@@ -243,19 +254,21 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             target_accuracy=None if spec.reconstruct else args.target_accuracy,
             device=str(device),
-            progress=not args.no_progress,
+            progress=not args.no_progress and is_main(),
             desc=name,
         )
         result = train(model, optimizer, train_data, test_data, loss_kind, config)
         record = _run_record(name, args, info, lr, loss_kind, result, num_params)
         runs.append(record)
-        print(f"\n{name} (lr {lr:g})\n{_history_table(record)}")
-        if args.save_model:
+        say(f"\n{name} (lr {lr:g})\n{_history_table(record)}")
+        if args.save_model and is_main():
             path = checkpoint_path(args.save_model, name)
-            save_checkpoint(path, model, args.model, info, checked["hidden"], optimizer=name, lr=lr)
+            save_checkpoint(
+                path, unwrap(model), args.model, info, checked["hidden"], optimizer=name, lr=lr
+            )
             record["checkpoint"] = str(path)
 
-    print(f"\nsummary\n{_summary_table(runs, spec.reconstruct)}")
+    say(f"\nsummary\n{_summary_table(runs, spec.reconstruct)}")
     out = Path(args.out)
     config = {
         **{k: v for k, v in vars(args).items() if k != "func"},
@@ -272,8 +285,11 @@ def run(args: argparse.Namespace) -> int:
         "train_size": len(train_set),
         "test_size": len(test_set),
     }
+    if not is_main():
+        return 0
+    config["world_size"] = dist_info.world_size
     plots = plot_runs(runs, out)
     write_json(out / "results.json", {"config": config, "runs": runs,
                                       "plots": [p.name for p in plots]})
-    print(f"\nwrote {out / 'results.json'} and {', '.join(p.name for p in plots)}")
+    say(f"\nwrote {out / 'results.json'} and {', '.join(p.name for p in plots)}")
     return 0

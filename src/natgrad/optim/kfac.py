@@ -2,7 +2,7 @@
 
 Usage (an ordinary torch.optim loop; statistics are gathered by hooks)::
 
-    opt = natgrad.KFAC(model, lr=0.05, loss="cross_entropy")
+    opt = natgrad.KFAC(model, lr=0.1, loss="cross_entropy")
     for x, y in loader:
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import FISHER_TYPES, CurvatureCapture
-from ..factors import STRATEGIES, FactorRefreshError, KroneckerFactor, make_factor, refresh_pair
-from ..factors import precondition as kron_precondition
+from ..distributed.kfac import resolve as resolve_distributed
+from ..factors import STRATEGIES, FactorRefreshError, KroneckerFactor, make_factor
 from ..layers import LayerHelper, helper_for
 from ..likelihoods import ALIASES, LIKELIHOODS, get_likelihood
 from . import hyper
@@ -73,6 +73,10 @@ class KFAC(torch.optim.Optimizer):
             weight decay kept, no KL-clip): a switch for ablations.
         seed: seed of the private generator used to sample Monte-Carlo labels (the global RNG is
             never touched).
+        distributed: data-parallel coordinator (:mod:`natgrad.distributed`). ``None``: automatic
+            (:class:`~natgrad.distributed.DistributedKFAC` when a process group with more than
+            one rank is initialised, else the single-process no-op); ``False``: never; or a
+            ``DistributedKFAC(...)`` with explicit options.
 
     Every scalar hyperparameter may also be a callable ``step -> value``.
     """
@@ -80,13 +84,13 @@ class KFAC(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: hyper.Schedule = 0.05,
+        lr: hyper.Schedule = 0.1,
         *,
         params: Iterable[Any] | None = None,
         loss: str = "cross_entropy",
         fisher: str = "mc",
-        damping: hyper.Schedule = 1e-3,
-        momentum: hyper.Schedule = 0.9,
+        damping: hyper.Schedule = 1e-2,
+        momentum: hyper.Schedule = 0.0,
         weight_decay: hyper.Schedule = 0.0,
         factor_decay: hyper.Schedule = 0.95,
         curvature_every: hyper.Schedule = 1,
@@ -97,6 +101,7 @@ class KFAC(torch.optim.Optimizer):
         factor_dtype: torch.dtype | None = None,
         precondition: bool = True,
         seed: int = 0,
+        distributed: Any = None,
     ) -> None:
         # ---- validate everything before any state exists
         if not isinstance(model, nn.Module):
@@ -176,6 +181,8 @@ class KFAC(torch.optim.Optimizer):
         self.skipped_curvature_updates = 0
         self.failed_refreshes = 0
         self._capture.active = precondition and self._is_curvature_step(0)
+        self.distributed = resolve_distributed(distributed)
+        self.distributed.setup(self)  # collective when distributed: checks the model, assigns work
         logger.info("natgrad.KFAC registration:\n%s", self.registration_summary)
 
     # ------------------------------------------------------------------ reporting
@@ -230,6 +237,7 @@ class KFAC(torch.optim.Optimizer):
         k = self.steps
         hp = self._resolve_all(k)  # raises before any state changes
         stats = self._capture.collect()
+        stats = self.distributed.reduce_statistics(stats, self.precondition and hp["curvature"])
 
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not all(bool(torch.isfinite(t).all()) for t in grads):
@@ -294,8 +302,7 @@ class KFAC(torch.optim.Optimizer):
                                   stacklevel=3)
                     continue
                 A, G = self.factors[name]
-                A.update(st.a, st.a_scale, hp["factor_decay"])
-                G.update(st.g, st.g_scale, hp["factor_decay"])
+                self.distributed.update(name, A, G, st, hp["factor_decay"])
         for name, (A, G) in self.factors.items():
             if A.updates == 0 or G.updates == 0:
                 continue
@@ -303,12 +310,17 @@ class KFAC(torch.optim.Optimizer):
                 continue
             damping = hp["groups"][layer_group[name]]["damping"]
             try:
-                refresh_pair(A, G, damping)
+                self.distributed.refresh_pair(name, A, G, damping)
             except FactorRefreshError as err:
                 self.failed_refreshes += 1
                 warnings.warn(f"natgrad.KFAC: layer {name!r}: {err}; keeping the previous "
                               f"inverse ({self.failed_refreshes} failures)", RuntimeWarning,
                               stacklevel=3)
+        for name, err in self.distributed.synchronize():  # owners' results (distributed only)
+            self.failed_refreshes += 1
+            warnings.warn(f"natgrad.KFAC: layer {name!r}: {err}; keeping the previous "
+                          f"inverse ({self.failed_refreshes} failures)", RuntimeWarning,
+                          stacklevel=3)
 
     def _precondition(
         self, directions: dict[int, Tensor], hp: dict[str, Any], layer_group: dict[str, int]
@@ -325,7 +337,7 @@ class KFAC(torch.optim.Optimizer):
             V = helper.grad_matrix(ds)
             damping = hp["groups"][layer_group[name]]["damping"]
             Vc = V.to(A.dtype)
-            new[name] = (Vc, kron_precondition(Vc, A, G, damping))
+            new[name] = (Vc, self.distributed.precondition(name, Vc, A, G, damping))
         if not new:
             return
         scale = 1.0
@@ -384,6 +396,7 @@ class KFAC(torch.optim.Optimizer):
             self.skipped_curvature_updates = int(extra["skipped_curvature_updates"])
             self.failed_refreshes = int(extra["failed_refreshes"])
             self._generator.set_state(extra["generator"])
+            self.distributed.after_load(self)
             self._capture.clear()
             self._capture.active = self.precondition and self._is_curvature_step(self.steps)
 

@@ -123,5 +123,5 @@ def _kfac_strategy(strategy: str) -> Factory:
 
 
 OPTIMIZERS["kfac"] = OptimizerSpec(
-    _kfac_strategy("eigh"), default_lr=0.05, description="K-FAC, dense eigendecompositions"
+    _kfac_strategy("eigh"), default_lr=0.1, description="K-FAC, dense eigendecompositions"
 )
