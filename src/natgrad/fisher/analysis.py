@@ -1,0 +1,175 @@
+"""The full analysis behind ``natgrad analyze``: one function from (model, data) to a report dict.
+
+Stages (each timed): exact diagonal → trace and per-layer traces; top-``k`` Lanczos; SLQ
+(density, ``log det(F + λI)``, effective dimension); per-layer top eigenpairs; K-FAC (and
+projected K-FAC when that strategy exists) built fresh from the same data: closed forms, relative
+errors on shared probes, overlap of top-``k`` eigenspaces, cross-layer coupling.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..factors import STRATEGIES
+from ..layers import helper_for
+from .ggn import EmpiricalFisher, ExactFisher, GGNOperator, MCFisher
+from .kfac import KFACOperator, layer_statistics
+from .kron import kfac_logdet, kfac_top_eigenvalues, kfac_trace
+from .lanczos import condition_number, lanczos_topk
+from .quality import (
+    block_products,
+    block_relative_error,
+    coupling_strength,
+    relative_error,
+    subspace_overlap,
+)
+from .results import Estimate
+from .slq import effective_dimension, quadrature, slq_logdet, spectral_density
+
+FISHERS: dict[str, type[GGNOperator]] = {
+    "exact": ExactFisher, "mc": MCFisher, "empirical": EmpiricalFisher,
+}
+KFAC_FISHER = {"exact": "type2", "mc": "mc", "empirical": "empirical"}
+
+
+def _est(e: Estimate) -> dict[str, Any]:
+    return {"value": e.value, "stderr": e.stderr, "samples": e.samples}
+
+
+def analyze(
+    model: nn.Module,
+    data: tuple[Tensor, ...],
+    loss: str,
+    fisher: str = "exact",
+    top_k: int = 10,
+    density: bool = True,
+    probes: int = 4,
+    slq_steps: int = 40,
+    damping: float = 1e-3,
+    tol: float = 1e-3,
+    projected_rank: int = 32,
+    seed: int = 0,
+    chunk_size: int = 250,
+    cache: bool = True,
+    progress: Callable[[str], None] = lambda stage: None,
+) -> dict[str, Any]:
+    """Analyse the Fisher of ``model`` on ``data``; returns a JSON-ready dict (see the README).
+
+    ``progress(stage)`` is called before each stage (for a progress bar).
+    """
+    timings: dict[str, float] = {}
+    report: dict[str, Any] = {}
+
+    def stage(name: str):
+        progress(name)
+        timings[name] = -time.perf_counter()
+
+    def done(name: str):
+        timings[name] += time.perf_counter()
+
+    kw = {"mc_samples": 1, "seed": seed} if fisher == "mc" else {}
+    op = FISHERS[fisher](model, data, loss, chunk_size=chunk_size, cache=cache,
+                             max_columns=1, **kw)
+    layers = {n: h for n, m in model.named_modules() for h in [helper_for(m)[0]] if h is not None}
+    groups = {n: op.block_indices(n) for n in layers}
+    report.update(params=op.dim, samples=op.num_samples, fisher=fisher, loss=loss,
+                  mean_convention="F = (1/N) sum_n J_n^T H_n J_n (mean over samples)",
+                  damping=damping)
+    if fisher == "empirical":
+        report["note"] = "empirical Fisher: data-label gradient outer products, not a Fisher"
+
+    stage("trace")
+    diag = op.diagonal()
+    report["trace"] = {"value": float(diag.double().sum()), "stderr": 0.0, "exact": True}
+    done("trace")
+
+    stage("top_k")
+    top = lanczos_topk(op, k=top_k, tol=tol, seed=seed)
+    report["top_eigenvalues"] = top.values.tolist()
+    report["top_residuals"] = top.residuals.tolist()
+    report["top_converged"] = top.converged
+    report["lanczos_steps"] = top.steps
+    rank_bound = op.rank_bound
+    lam_min = 0.0 if rank_bound < op.dim else None
+    report["condition_number"] = {
+        "value": condition_number(top, damping, lam_min), "damping": damping,
+        "lambda_min": 0.0 if lam_min == 0.0 else top.smallest_ritz,
+        "note": (f"rank(F) <= {rank_bound} < P, so lambda_min = 0" if lam_min == 0.0 else
+                 "lambda_min = smallest Ritz value (upper bound): condition is a lower bound"),
+    }
+    done("top_k")
+
+    if density:
+        stage("density")
+        quad = quadrature(op, probes=probes, steps=slq_steps, seed=seed + 1)
+        dens = spectral_density(quad=quad, num_points=400, log_grid=True)
+        report["logdet"] = _est(slq_logdet(quad=quad, damping=damping))
+        report["effective_dimension"] = _est(effective_dimension(quad=quad, z=damping))
+        report["density"] = {"grid": dens.grid.tolist(), "density": dens.density.tolist(),
+                             "sigma_log10": dens.sigma, "grid_scale": "log10",
+                             "nodes": quad.nodes.tolist(), "weights": quad.weights.tolist()}
+        done("density")
+    else:
+        report["logdet"] = report["effective_dimension"] = None
+
+    stage("kfac")
+    kl, stats, n = layer_statistics(model, data, loss, KFAC_FISHER[fisher], chunk_size,
+                                    seed=seed)
+    approximations = {"kfac": KFACOperator.from_statistics(model, kl, stats, n, "eigh")}
+    if "projected" in STRATEGIES:
+        approximations["projected_kfac"] = KFACOperator.from_statistics(
+            model, kl, stats, n, "projected", {"rank": projected_rank})
+    done("kfac")
+
+    stage("approximation")
+    names = list(layers)
+    bp = block_products(op, [groups[n] for n in names], probes=probes, seed=seed + 2)
+    report["coupling"] = _est(coupling_strength(bp))
+    approx_report: dict[str, Any] = {}
+    for key, K in approximations.items():
+        kt = lanczos_topk(K, k=top_k, tol=tol, seed=seed)
+        approx_report[key] = {
+            "relative_error": _est(relative_error(op, K, V=bp.V, FV=bp.FV)),
+            "top_eigenvalues_closed_form": kfac_top_eigenvalues(K, top_k).tolist(),
+            "trace_closed_form": kfac_trace(K),
+            "logdet_closed_form": kfac_logdet(K, damping),
+            "top_k_overlap": subspace_overlap(top.vectors, kt.vectors),
+            "uncovered_parameters": K.uncovered,
+        }
+    report["approximations"] = approx_report
+    done("approximation")
+
+    stage("layers")
+    rows = []
+    for b, name in enumerate(names):
+        idx = groups[name]
+        sl = torch.cat([torch.arange(op.offsets[i], op.offsets[i + 1]) for i in idx])
+        blk = op.block(name)
+        lt = lanczos_topk(blk, k=min(top_k, blk.dim), tol=tol, seed=seed)
+        row = {"name": name, "kind": layers[name].kind, "params": blk.dim,
+               "trace": float(diag[sl].double().sum()),
+               "top_eigenvalue": float(lt.values[0]),
+               "top_eigenvalues": lt.values.tolist(), "top_residuals": lt.residuals.tolist()}
+        for key, K in approximations.items():
+            err = block_relative_error(op, bp, b, K)
+            row[f"{key}_relative_error"] = err.value
+            row[f"{key}_relative_error_stderr"] = err.stderr
+            A, G = K.factors[name]
+            row[f"{key}_top_eigenvalues"] = kfac_top_eigenvalues(
+                KFACOperator(model, {name: layers[name]}, {name: (A, G)},
+                             params=[op.names[i] for i in idx]), min(top_k, blk.dim)).tolist()
+            row[f"{key}_trace"] = A.trace() * G.trace()
+        rows.append(row)
+    report["layers"] = rows
+    done("layers")
+    report["timings_s"] = timings
+    report["all_converged"] = bool(top.converged)
+    if not math.isfinite(report["condition_number"]["value"]):
+        report["condition_number"]["value"] = None
+    return report

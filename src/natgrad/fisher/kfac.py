@@ -1,0 +1,249 @@
+"""The K-FAC approximation as an operator: block diagonal over layers, ``A_ℓ ⊗ G_ℓ`` per block.
+
+Built from the *same* :class:`~natgrad.factors.KroneckerFactor` objects the optimizer uses
+(any strategy: eigh, cholesky, projected, recursive), either
+
+* :meth:`KFACOperator.from_optimizer` — the factors of a :class:`natgrad.KFAC` instance, as they
+  are represented now (spectral strategies: as of their last refresh), or
+* :meth:`KFACOperator.from_data` — fresh factors from one pass over the data, with the layer
+  helpers' statistics (:mod:`natgrad.layers`): ``A = (1/N) Σ ā āᵀ``, ``G = (1/(N T)) Σ g gᵀ``
+  where the ``g`` are the output-space factor rows ``B_n`` of the matching Fisher
+  (``"type2"``: ``R = C`` backward passes, exact for one datum through linear layers; ``"mc"``;
+  ``"empirical"``) pushed back to the layer outputs.
+
+Products use :func:`natgrad.factors.kronecker_matvec`: no Kronecker product is ever formed.
+Parameters outside every recognised layer get a **zero** block (listed in
+:attr:`KFACOperator.uncovered`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..factors import KroneckerFactor, kronecker_matvec, make_factor
+from ..layers import LayerHelper, helper_for
+from ._model import Data, check_deterministic, iter_chunks, select_params
+from .base import LinearOperator
+from .ggn import EmpiricalFisher, ExactFisher, GGNOperator, MCFisher
+
+_FISHERS: dict[str, type[GGNOperator]] = {
+    "type2": ExactFisher, "exact": ExactFisher, "mc": MCFisher, "empirical": EmpiricalFisher,
+}
+
+
+class KFACOperator(LinearOperator):
+    """``blockdiag(A_ℓ ⊗ G_ℓ)`` over the layers, zero elsewhere.
+
+    Args:
+        model: the network whose parameters define the flat order.
+        layers: layer name → helper.
+        factors: layer name → ``(A, G)``.
+        params: parameters the operator acts on (default: every trainable one).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: dict[str, LayerHelper],
+        factors: dict[str, tuple[KroneckerFactor, KroneckerFactor]],
+        params: Sequence[Tensor] | Sequence[str] | None = None,
+    ) -> None:
+        selected = select_params(model, params)
+        p0 = selected[0][1]
+        super().__init__([n for n, _ in selected], [p.shape for _, p in selected], p0.dtype,
+                         p0.device)
+        index = {id(p): i for i, (_, p) in enumerate(selected)}
+        self.layers = {n: h for n, h in layers.items() if all(id(p) in index for p in h.params)}
+        self.factors = {n: factors[n] for n in self.layers}
+        self._index = {n: [index[id(p)] for p in h.params] for n, h in self.layers.items()}
+        covered = {i for idx in self._index.values() for i in idx}
+        self.uncovered = [n for i, n in enumerate(self.names) if i not in covered]
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_optimizer(cls, optimizer: Any, params: Sequence[Tensor] | None = None
+                       ) -> KFACOperator:
+        """The operator of a :class:`natgrad.KFAC` optimizer's current factors."""
+        from ..optim.kfac import unwrap
+
+        return cls(unwrap(optimizer.model), optimizer.layers, optimizer.factors, params)
+
+    @classmethod
+    def from_data(
+        cls,
+        model: nn.Module,
+        data: Data,
+        loss: str = "cross_entropy",
+        fisher: str = "type2",
+        strategy: str = "eigh",
+        factor_options: dict[str, Any] | None = None,
+        chunk_size: int = 256,
+        mc_samples: int = 1,
+        seed: int = 0,
+    ) -> KFACOperator:
+        """Fresh factors of ``strategy`` from one pass over ``data`` (see the module docstring)."""
+        if fisher not in _FISHERS:
+            raise ValueError(f"fisher={fisher!r} is not supported; accepted: {sorted(_FISHERS)}")
+        check_deterministic(model)
+        kwargs = {"mc_samples": mc_samples, "seed": seed} if fisher == "mc" else {}
+        ggn = _FISHERS[fisher](model, data, loss, chunk_size=chunk_size, **kwargs)
+        layers = {}
+        for name, module in model.named_modules():
+            helper, _ = helper_for(module)
+            if helper is not None:
+                layers[name] = helper
+        stats = _layer_sums(model, layers, ggn, data, chunk_size)
+        return cls.from_statistics(model, layers, stats, ggn.num_samples, strategy,
+                                   factor_options)
+
+    @classmethod
+    def from_statistics(
+        cls,
+        model: nn.Module,
+        layers: dict[str, LayerHelper],
+        stats: dict[str, tuple[Tensor, Tensor, int]],
+        num_samples: int,
+        strategy: str = "eigh",
+        factor_options: dict[str, Any] | None = None,
+    ) -> KFACOperator:
+        """Factors of ``strategy`` from :func:`layer_statistics` output (shareable between
+        strategies): per layer ``(rows or square root of Σ āāᵀ, same for Σ ggᵀ, T)``."""
+        factors = {}
+        for name, (RA, RG, T) in stats.items():
+            helper = layers[name]
+            w = helper.module.weight
+            opts = {"dtype": w.dtype, "device": w.device, **(factor_options or {})}
+            A = _factor_from_rows(strategy, RA, helper.input_scale(num_samples), opts)
+            G = _factor_from_rows(strategy, RG, helper.output_grad_scale(num_samples, T), opts)
+            factors[name] = (A, G)
+        return cls(model, layers, factors)
+
+    # ------------------------------------------------------------------ products
+    def _matmat(self, V: Tensor) -> Tensor:
+        out = torch.zeros_like(V)
+        for name, helper in self.layers.items():
+            A, G = self.factors[name]
+            idx = self._index[name]
+            for j in range(V.shape[1]):
+                parts = [V[self.offsets[i]:self.offsets[i + 1], j].reshape(self.shapes[i])
+                         for i in idx]
+                M = helper.grad_matrix(parts).to(A.dtype)
+                R = kronecker_matvec(M, A, G).to(self.dtype)
+                for i, t in zip(idx, helper.split_matrix(R)):
+                    out[self.offsets[i]:self.offsets[i + 1], j] = t.reshape(-1)
+        return out
+
+    def diagonal(self) -> Tensor:
+        """``(P,)``: ``diag(A ⊗ G) = vec(diag G diag Aᵀ)`` per block, zero elsewhere."""
+        out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        for name, helper in self.layers.items():
+            A, G = self.factors[name]
+            D = torch.outer(G.to_dense().diagonal(), A.to_dense().diagonal()).to(self.dtype)
+            for i, t in zip(self._index[name], helper.split_matrix(D)):
+                out[self.offsets[i]:self.offsets[i + 1]] = t.reshape(-1)
+        return out
+
+    def layer_factors(self) -> dict[str, tuple[KroneckerFactor, KroneckerFactor]]:
+        """Layer name → ``(A, G)``."""
+        return dict(self.factors)
+
+
+def _factor_from_rows(strategy: str, rows: Tensor, scale: float, opts: dict[str, Any]
+                      ) -> KroneckerFactor:
+    """A factor representing ``scale · rowsᵀ rows``."""
+    factor = make_factor(strategy, rows.shape[1], **opts)
+    factor.update(rows.to(opts["dtype"]), scale, decay=0.0)
+    if factor.spectral:
+        factor.refresh(0.0)
+    return factor
+
+
+class _Gram:
+    """``Σ XᵀX`` over batches as rows ``R`` (``RᵀR = Σ XᵀX``): the raw rows while there are at
+    most ``d`` of them, then a ``(d, d)`` square root of the summed Gram matrix."""
+
+    def __init__(self) -> None:
+        self.rows: list[Tensor] = []
+        self.gram: Tensor | None = None
+
+    def add(self, X: Tensor) -> None:
+        if self.gram is None:
+            self.rows.append(X)
+            if sum(r.shape[0] for r in self.rows) <= X.shape[1]:
+                return
+            R = torch.cat(self.rows)
+            self.rows = []
+            self.gram = R.T @ R
+        else:
+            self.gram = self.gram + X.T @ X
+
+    def root(self) -> Tensor:
+        if self.gram is None:
+            return torch.cat(self.rows)
+        lam, Q = torch.linalg.eigh(self.gram.double())
+        return (Q * lam.clamp_min(0).sqrt()).T.to(self.gram.dtype)
+
+
+def layer_statistics(
+    model: nn.Module, data: Data, loss: str = "cross_entropy", fisher: str = "type2",
+    chunk_size: int = 256, mc_samples: int = 1, seed: int = 0,
+) -> tuple[dict[str, LayerHelper], dict[str, tuple[Tensor, Tensor, int]], int]:
+    """``(layers, stats, N)`` for :meth:`KFACOperator.from_statistics` (one pass over data)."""
+    if fisher not in _FISHERS:
+        raise ValueError(f"fisher={fisher!r} is not supported; accepted: {sorted(_FISHERS)}")
+    check_deterministic(model)
+    kwargs = {"mc_samples": mc_samples, "seed": seed} if fisher == "mc" else {}
+    ggn = _FISHERS[fisher](model, data, loss, chunk_size=chunk_size, **kwargs)
+    layers = {}
+    for name, module in model.named_modules():
+        helper, _ = helper_for(module)
+        if helper is not None:
+            layers[name] = helper
+    return layers, _layer_sums(model, layers, ggn, data, chunk_size), ggn.num_samples
+
+
+def _layer_sums(
+    model: nn.Module, layers: dict[str, LayerHelper], ggn: GGNOperator, data: Data,
+    chunk_size: int,
+) -> dict[str, tuple[Tensor, Tensor, int]]:
+    """Per layer ``(R_A, R_G, T)`` with ``R_AᵀR_A = Σ āāᵀ`` and ``R_GᵀR_G = Σ ggᵀ``, ``g`` the
+    rows of ``B_n`` pulled back to the layer output."""
+    store: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def hook(name: str):
+        def fn(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            store[name] = (inputs[0].detach(), output)
+            return output.clone()  # later in-place ops act on a copy
+        return fn
+
+    handles = [h.module.register_forward_hook(hook(n)) for n, h in layers.items()]
+    sums: dict[str, list] = {}
+    try:
+        for i, (x, y) in enumerate(iter_chunks(data, chunk_size)):
+            x = x.to(device=ggn.device, dtype=ggn.dtype).requires_grad_(True)
+            with torch.enable_grad():
+                out = model(x).flatten(1)
+                B = ggn.output_factor(out.detach(), y, i)  # (m, R, C)
+                names = list(store)
+                outs = [store[n][1] for n in names]
+                for n in names:
+                    helper = layers[n]
+                    s = sums.setdefault(n, [_Gram(), _Gram(), helper.locations(store[n][1])])
+                    s[0].add(helper.input_rows(store[n][0]))
+                for r in range(B.shape[1]):
+                    grads = torch.autograd.grad((B[:, r, :] * out).sum(), outs,
+                                                retain_graph=r < B.shape[1] - 1,
+                                                allow_unused=True)
+                    for n, g in zip(names, grads):
+                        if g is not None:
+                            sums[n][1].add(layers[n].output_grad_rows(g))
+            store.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (s[0].root(), s[1].root(), s[2]) for n, s in sums.items()
+            if s[1].rows or s[1].gram is not None}

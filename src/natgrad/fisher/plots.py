@@ -1,0 +1,67 @@
+"""PNG figures of an analysis report (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """``spectrum.png`` (top-k exact vs K-FAC), ``density.png`` (SLQ), ``layers.png`` (per layer
+    top-k exact vs K-FAC). Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    k = range(1, len(report["top_eigenvalues"]) + 1)
+    ax.semilogy(k, report["top_eigenvalues"], "o-", label=f"{report['fisher']} Fisher (Lanczos)")
+    for key, a in report["approximations"].items():
+        ev = a["top_eigenvalues_closed_form"]
+        ax.semilogy(range(1, len(ev) + 1), ev, "s--", ms=4, label=f"{key} (closed form)")
+    ax.set(xlabel="index", ylabel="eigenvalue", title="top eigenvalues")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "spectrum.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    if report.get("density"):
+        d = report["density"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(d["grid"], d["density"])
+        ax.set(xscale="log", yscale="log", xlabel="eigenvalue",
+               ylabel="density (per log10 unit)",
+               title=f"SLQ spectral density ({len(d['nodes'])} probes)")
+        ax.set_ylim(bottom=max(1e-8, min(v for v in d["density"] if v > 0)))
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(out / "density.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
+    layers = report["layers"]
+    if layers:
+        fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.4), squeeze=False)
+        for ax, row in zip(axes[0], layers):
+            ev = row["top_eigenvalues"]
+            ax.semilogy(range(1, len(ev) + 1), ev, "o-", label="exact block")
+            for key in report["approximations"]:
+                kv = row.get(f"{key}_top_eigenvalues")
+                if kv:
+                    ax.semilogy(range(1, len(kv) + 1), kv, "s--", ms=4, label=key)
+            ax.set(title=f"{row['name']} ({row['kind']}, {row['params']:,})", xlabel="index")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("eigenvalue")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "layers.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths

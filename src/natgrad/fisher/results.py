@@ -1,0 +1,81 @@
+"""Frozen result types: every estimate carries its uncertainty and convergence information."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A scalar estimate.
+
+    Attributes:
+        value: the estimate.
+        stderr: its standard error (``0.0`` for exact values).
+        samples: probes / matrix-vector products it used (``0`` for closed forms).
+        exact: whether ``value`` is exact up to rounding.
+    """
+
+    value: float
+    stderr: float = 0.0
+    samples: int = 0
+    exact: bool = False
+
+
+@dataclass(frozen=True)
+class DiagonalEstimate:
+    """``value`` and elementwise ``stderr``, both ``(P,)`` (``stderr`` zero when exact)."""
+
+    value: Tensor
+    stderr: Tensor
+    samples: int = 0
+    exact: bool = False
+
+
+@dataclass(frozen=True)
+class Eigenpairs:
+    """Top-``k`` eigenpairs from Lanczos.
+
+    Attributes:
+        values: ``(k,)`` descending.
+        vectors: ``(P, k)`` orthonormal Ritz vectors.
+        residuals: ``(k,)`` relative residuals ``‖F v − θ v‖ / |θ|`` (from true products).
+        converged: every residual ``≤ tol``.
+        steps: Lanczos steps (= products with the operator, plus ``k`` for the residuals).
+        tol: the tolerance used.
+    """
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    converged: bool
+    steps: int
+    tol: float
+    smallest_ritz: float = float("nan")
+
+
+@dataclass(frozen=True)
+class Quadrature:
+    """Stochastic Lanczos quadrature: per probe ``i`` nodes ``θ_{ij}`` and weights ``τ_{ij}``.
+
+    ``tr f(F) ≈ P · mean_i Σ_j τ_{ij} f(θ_{ij})``. ``nodes``, ``weights``: ``(probes, steps)``.
+    """
+
+    nodes: Tensor
+    weights: Tensor
+    dim: int
+
+
+@dataclass(frozen=True)
+class SpectralDensity:
+    """Gaussian-broadened spectral density ``φ(t) = (1/P) Σ_i δ(t − λ_i) * N(0, σ²)``.
+
+    ``grid``, ``density``: ``(G,)``; ``density`` integrates to ~1 over the grid.
+    """
+
+    grid: Tensor
+    density: Tensor
+    sigma: float
+    quadrature: Quadrature = field(repr=False)
