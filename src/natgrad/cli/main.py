@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from . import compare
+from . import analyze, bench, compare, reproduce
 from .common import ArgumentParser, UsageError
 
-COMMANDS = [compare]
+COMMANDS = [compare, analyze, bench, reproduce]
 
 
 def build_parser() -> ArgumentParser:

@@ -12,10 +12,14 @@ from .base import DenseFactor, FactorRefreshError, KroneckerFactor
 from .cholesky import CholeskyFactor
 from .eigh import EighFactor
 from .kronecker import kronecker_matvec, precondition, refresh_pair, split_damping
+from .projected import ProjectedFactor
+from .recursive import RecursiveFactor
 
 STRATEGIES: dict[str, type[KroneckerFactor]] = {
     EighFactor.name: EighFactor,
     CholeskyFactor.name: CholeskyFactor,
+    RecursiveFactor.name: RecursiveFactor,
+    ProjectedFactor.name: ProjectedFactor,
 }
 
 
@@ -35,6 +39,8 @@ __all__ = [
     "FactorRefreshError",
     "EighFactor",
     "CholeskyFactor",
+    "RecursiveFactor",
+    "ProjectedFactor",
     "make_factor",
     "precondition",
     "refresh_pair",

@@ -1,0 +1,143 @@
+"""``natgrad bench``: ``scaling`` (cost of the factor strategies vs width) and ``stability``
+(float32 K-FAC variants over a damping sweep). The measuring code lives in :mod:`natgrad.bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from .common import UsageError, parse_names, split_list
+
+DEFAULT_WIDTHS = "256,512,1024,2048,4096"
+DEFAULT_RANKS = "32,64"
+DEFAULT_DAMPINGS = "1e-1,1e-2,1e-3,1e-4,1e-5,1e-6"
+STRATEGIES = ("eigh", "cholesky", "recursive", "projected")
+VARIANTS = ("kfac", "rkfac", "pkfac")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``bench`` (with ``scaling`` and ``stability``) on the top-level parser."""
+    p = subparsers.add_parser("bench", help="benchmarks: factor cost scaling, damping stability",
+                              description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+
+    s = sub.add_parser("scaling", help="update / preconditioning time and memory vs layer width",
+                       description="Time curvature updates and preconditioning of one square "
+                       "layer for each factor strategy, interleaved; fit log-log slopes.")
+    s.add_argument("--widths", default=DEFAULT_WIDTHS, metavar="D1,D2,...",
+                   help=f"layer widths (default {DEFAULT_WIDTHS})")
+    s.add_argument("--ranks", default=DEFAULT_RANKS, metavar="R1,R2,...",
+                   help=f"ranks of the projected strategy (default {DEFAULT_RANKS})")
+    s.add_argument("--strategies", default=",".join(STRATEGIES), metavar="S1,S2,...",
+                   help=f"factor strategies (default {','.join(STRATEGIES)})")
+    s.add_argument("--batch", type=int, default=128, help="rows of the statistics (default 128)")
+    s.add_argument("--repeats", type=int, default=5,
+                   help="timed repeats, median reported (default 5; 2 for configurations "
+                   "slower than 1 s)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    s.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    s.add_argument("--out", default="runs/bench", metavar="DIR",
+                   help="writes DIR/scaling.json and DIR/scaling.png (default runs/bench)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=run_scaling_cmd)
+
+    t = sub.add_parser("stability", help="divergence of float32 K-FAC variants over dampings",
+                       description="Train the MLP on the embedded MNIST sample with kfac, rkfac "
+                       "and pkfac over dampings x seeds; count diverged runs.")
+    t.add_argument("--optimizers", default=",".join(VARIANTS), metavar="A,B,...",
+                   help=f"from {', '.join(VARIANTS)} (default all)")
+    t.add_argument("--dampings", default=DEFAULT_DAMPINGS, metavar="D1,D2,...",
+                   help=f"dampings (default {DEFAULT_DAMPINGS})")
+    t.add_argument("--seeds", default="0,1,2", metavar="S1,S2,...", help="seeds (default 0,1,2)")
+    t.add_argument("--epochs", type=int, default=1, help="epochs per run (default 1)")
+    t.add_argument("--batch-size", type=int, default=128, help="default 128")
+    t.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
+    t.add_argument("--rank", type=int, default=64, help="rank of pkfac's factors (default 64)")
+    t.add_argument("--divergence-factor", type=float, default=1.5,
+                   help="diverged if final train loss > this x initial (default 1.5)")
+    t.add_argument("--limit-train", type=int, metavar="N", help="first N training samples only")
+    t.add_argument("--limit-test", type=int, metavar="N", help="first N test samples only")
+    t.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    t.add_argument("--out", default="runs/bench", metavar="DIR",
+                   help="writes DIR/stability.json (default runs/bench)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=run_stability_cmd)
+    return p
+
+
+def _ints(text: str, flag: str, low: int = 1) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in split_list(text))
+    except ValueError:
+        values = ()
+    if not values or any(v < low for v in values):
+        raise UsageError(f"{flag} expects integers >= {low} like 1,2,3, got {text!r}")
+    if len(set(values)) != len(values):
+        raise UsageError(f"{flag}: a value is listed twice in {text!r}")
+    return values
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in split_list(text))
+    except ValueError:
+        values = ()
+    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
+        raise UsageError(f"{flag} expects positive numbers like 1e-2,1e-3, got {text!r}")
+    return values
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def run_scaling_cmd(args: argparse.Namespace) -> int:
+    """Validate, measure, print the table, write ``scaling.json`` and ``scaling.png``."""
+    from ..bench.scaling import ScalingConfig, format_scaling, run_scaling
+
+    _positive(args, "batch", "repeats", "threads")
+    cfg = ScalingConfig(
+        widths=_ints(args.widths, "--widths"),
+        ranks=_ints(args.ranks, "--ranks"),
+        strategies=tuple(parse_names(args.strategies, STRATEGIES, "strategy")),
+        batch=args.batch,
+        repeats=args.repeats,
+        dtype=args.dtype,
+        threads=args.threads,
+    )
+    doc = run_scaling(cfg, args.out, progress=not args.no_progress)
+    print(format_scaling(doc))
+    print(f"\nwrote {Path(args.out) / 'scaling.json'} and scaling.png")
+    return 0
+
+
+def run_stability_cmd(args: argparse.Namespace) -> int:
+    """Validate, train every run, print the table, write ``stability.json``."""
+    from ..bench.stability import StabilityConfig, format_stability, run_stability
+
+    _positive(args, "epochs", "batch_size", "lr", "rank", "divergence_factor", "limit_train",
+              "limit_test", "threads")
+    if not math.isfinite(args.lr) or not math.isfinite(args.divergence_factor):
+        raise UsageError("--lr and --divergence-factor must be finite")
+    cfg = StabilityConfig(
+        optimizers=tuple(parse_names(args.optimizers, VARIANTS, "optimizer")),
+        dampings=_floats(args.dampings, "--dampings"),
+        seeds=_ints(args.seeds, "--seeds", low=0),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        rank=args.rank,
+        divergence_factor=args.divergence_factor,
+        limit_train=args.limit_train,
+        limit_test=args.limit_test,
+        threads=args.threads,
+    )
+    doc = run_stability(cfg, args.out, progress=not args.no_progress)
+    print(format_stability(doc))
+    print(f"\nwrote {Path(args.out) / 'stability.json'}")
+    return 0

@@ -1,0 +1,162 @@
+"""The projected strategy: exactness at full rank and for rank-r factors, trace tracking, long-run
+accuracy on a gapped spectrum, option validation and the fallback for narrow layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from natgrad.factors import (
+    EighFactor,
+    ProjectedFactor,
+    make_factor,
+    precondition,
+    refresh_pair,
+)
+
+f64 = torch.float64
+
+
+def test_full_rank_projected_equals_eigh_kfac_update():
+    gen = torch.Generator().manual_seed(0)
+    d_a, d_g, n = 9, 7, 4  # n < d: the rank grows over the first updates, then U is d × d
+    pa, pg = ProjectedFactor(d_a, rank=d_a, dtype=f64), ProjectedFactor(d_g, rank=d_g, dtype=f64)
+    ea, eg = EighFactor(d_a, dtype=f64), EighFactor(d_g, dtype=f64)
+    V = torch.randn(d_g, d_a, generator=gen, dtype=f64)
+    for _step in range(6):
+        a = torch.randn(n, d_a, generator=gen, dtype=f64)
+        g = torch.randn(n, d_g, generator=gen, dtype=f64)
+        for fa, fg in ((pa, pg), (ea, eg)):
+            fa.update(a, 1.0 / n, 0.95)
+            fg.update(g, 1.0, 0.95)
+            refresh_pair(fa, fg, 1e-3)
+        torch.testing.assert_close(
+            precondition(V, pa, pg, 1e-3), precondition(V, ea, eg, 1e-3), rtol=1e-9, atol=1e-10
+        )
+        torch.testing.assert_close(pa.to_dense(), ea.F, rtol=1e-12, atol=1e-12)
+    assert pa.current_rank == d_a and pa.sigma == 0.0
+
+
+def test_exactly_rank_r_factor_is_represented_exactly():
+    gen = torch.Generator().manual_seed(1)
+    d, r = 30, 5
+    basis = torch.randn(r, d, generator=gen, dtype=f64)
+    f = ProjectedFactor(d, rank=r, sketch_size=r, dtype=f64)  # rows are sketched (n = 16 > k)
+    F = None
+    for _ in range(10):
+        x = torch.randn(16, r, generator=gen, dtype=f64) @ basis
+        f.update(x, 1 / 16, 0.9)
+        F = x.T @ x / 16 if F is None else 0.9 * F + 0.1 * x.T @ x / 16
+    assert f.current_rank == r
+    assert f.sigma == pytest.approx(0.0, abs=1e-10)
+    torch.testing.assert_close(f.to_dense(), F, rtol=1e-10, atol=1e-10)
+    U, lam, _ = f.eigen()
+    torch.testing.assert_close(U.T @ U, torch.eye(r, dtype=f64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+def test_tracked_trace_equals_dense_trace(dtype):
+    gen = torch.Generator().manual_seed(2)
+    d = 50
+    f = ProjectedFactor(d, rank=4, dtype=dtype)
+    F = torch.zeros(d, d, dtype=f64)
+    for i in range(20):
+        x = torch.randn(8, d, generator=gen, dtype=f64)
+        f.update(x.to(dtype), 0.125, 0.9)
+        F = x.T @ x / 8 if i == 0 else 0.9 * F + 0.1 * x.T @ x / 8
+    rel = 1e-6 if dtype == torch.float32 else 1e-12
+    assert f.trace() == pytest.approx(float(F.trace()), rel=rel)
+    # σ carries the rest of the trace
+    assert float(f.lam.double().sum()) + (d - 4) * f.sigma == pytest.approx(f.trace(), rel=1e-5)
+
+
+def test_long_run_gapped_spectrum_matches_dense_ema():
+    torch.manual_seed(3)
+    d, r, n = 64, 8, 16
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=f64))
+    ev = torch.cat([torch.linspace(10, 3, r, dtype=f64), 0.1 * torch.rand(d - r, dtype=f64)])
+    C = Q * ev.sqrt()
+    f = ProjectedFactor(d, rank=r)  # float32; default k = 2r = n: the rows enter unsketched
+    g = ProjectedFactor(d, rank=r, sketch_size=r)  # sketched to k = 8 < n
+    F = torch.zeros(d, d, dtype=f64)
+    for i in range(1000):
+        x = torch.randn(n, d, dtype=f64) @ C.T
+        f.update(x.float(), 1 / n, 0.95)
+        g.update(x.float(), 1 / n, 0.95)
+        F = x.T @ x / n if i == 0 else 0.95 * F + 0.05 * x.T @ x / n
+    evals, evecs = torch.linalg.eigh(F)
+    top, Ud = evals.flip(0)[:r], evecs.flip(1)[:, :r]
+    for h, tol in ((f, 1e-4), (g, 1e-2)):
+        torch.testing.assert_close(h.lam.double(), top, rtol=tol, atol=0)
+        overlap = torch.linalg.svdvals(Ud.T @ h.U.double()).min()
+        assert overlap > 1 - 10 * tol
+        assert h.trace() == pytest.approx(float(F.trace()), rel=1e-5)
+
+
+def test_energy_mode_picks_the_rank_per_layer():
+    gen = torch.Generator().manual_seed(4)
+    d = 40
+    scales = torch.tensor([[10.0], [5.0], [3.0]], dtype=f64)
+    basis = torch.randn(3, d, generator=gen, dtype=f64) * scales
+    f = ProjectedFactor(d, energy=0.999, max_rank=20, dtype=f64)
+    for _ in range(3):
+        f.update(torch.randn(12, 3, generator=gen, dtype=f64) @ basis
+                 + 1e-3 * torch.randn(12, d, generator=gen, dtype=f64), 1 / 12, 0.9)
+    assert f.current_rank == 3
+    assert "energy=0.999" in f.describe()
+
+
+def test_inv_matmul_closed_form_and_describe():
+    gen = torch.Generator().manual_seed(5)
+    f = ProjectedFactor(20, rank=3, dtype=f64)
+    f.update(torch.randn(30, 20, generator=gen, dtype=f64), 1 / 30, 0.9)
+    f.refresh(0.1)
+    v = torch.randn(20, 4, generator=gen, dtype=f64)
+    dense = f.to_dense() + 0.1 * torch.eye(20, dtype=f64)
+    torch.testing.assert_close(f.inv_matmul(v), torch.linalg.solve(dense, v))
+    assert f.describe() == "projected(d=20, r=3)"
+    assert f.sigma > 0
+
+
+def test_create_falls_back_to_eigh_for_narrow_layers():
+    assert isinstance(make_factor("projected", 10, rank=16), EighFactor)
+    assert isinstance(make_factor("projected", 16, rank=16), EighFactor)
+    wide = make_factor("projected", 17, rank=16, dtype=f64)
+    assert isinstance(wide, ProjectedFactor) and wide.dtype == f64
+    assert isinstance(make_factor("projected", 100, energy=0.9, max_rank=200), EighFactor)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"rank": 0}, "rank"),
+        ({"rank": 2.5}, "rank"),
+        ({"energy": 0.0}, "energy"),
+        ({"energy": 1.5}, "energy"),
+        ({"energy": 0.9, "max_rank": -1}, "max_rank"),
+        ({"sketch_size": 0}, "sketch_size"),
+        ({"sketch": "srht"}, "sketch"),
+        ({"max_rows": 0}, "max_rows"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_invalid_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        ProjectedFactor(100, **options)
+    with pytest.raises(ValueError, match=match):
+        make_factor("projected", 100, **options)
+
+
+@pytest.mark.parametrize("sketch", ["gaussian", "rows"])
+def test_conv_sized_row_counts_are_sketched_and_subsampled(sketch):
+    gen = torch.Generator().manual_seed(6)
+    d, r = 60, 4
+    basis = torch.randn(r, d, generator=gen, dtype=f64)
+    rows = torch.randn(5000, r, generator=gen, dtype=f64) @ basis  # e.g. m·T patch rows
+    f = ProjectedFactor(d, rank=r, sketch=sketch, max_rows=500, dtype=f64)
+    f.update(rows, 1 / 5000, 0.9)
+    # the subspace is exact; eigenvalues are unbiased estimates from 500 rows; trace uses all rows
+    F = rows.T @ rows / 5000
+    assert f.trace() == pytest.approx(float(F.trace()), rel=1e-12)
+    P = basis.T @ torch.linalg.solve(basis @ basis.T, basis)  # projector onto the data subspace
+    torch.testing.assert_close(f.U @ f.U.T, P, rtol=0, atol=1e-8)
