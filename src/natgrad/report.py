@@ -101,4 +101,23 @@ def plot_runs(runs: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Pa
     paths.append(out_dir / name)
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+
+    tracked = [run for run in runs if run.get("curvature")]
+    if tracked:  # natgrad compare --track-curvature
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for run in tracked:
+            c = run["curvature"]
+            epochs = [r["epoch"] for r in c]
+            axes[0].plot(epochs, [r["trace"] for r in c], marker="o", ms=3, label=run["optimizer"])
+            axes[1].plot(epochs, [r["top_eigenvalue"] for r in c], marker="o", ms=3,
+                         label=run["optimizer"])
+        axes[0].set(xlabel="epoch", ylabel="tr F (exact Fisher)", yscale="log")
+        axes[1].set(xlabel="epoch", ylabel="largest eigenvalue of F", yscale="log")
+        for ax in axes:
+            ax.legend()
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(out_dir / "curvature_vs_epoch.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths

@@ -77,3 +77,21 @@ def test_save_model_round_trip(tmp_path):
 def test_help_exits_zero(flag, capsys):
     assert main(["compare", flag]) == 0
     assert "--optimizers" in capsys.readouterr().out
+
+
+def test_track_curvature_records_trace_and_top_eigenvalue(tmp_path):
+    results = compare(tmp_path, *TINY, "--optimizers", "sgd", "--track-curvature")
+    curvature = results["runs"][0]["curvature"]
+    assert [c["epoch"] for c in curvature] == [1, 2]
+    for c in curvature:
+        assert c["trace"] >= c["top_eigenvalue"] > 0
+        assert c["residual"] < 1e-2
+    assert (tmp_path / "out" / "curvature_vs_epoch.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["kfac", "pkfac", "rkfac"])
+def test_kfac_family_runs_in_compare(tmp_path, name):
+    results = compare(tmp_path, *TINY, "--optimizers", name)
+    run = results["runs"][0]
+    assert run["optimizer"] == name and not run["diverged"]
+    assert run["train_loss"] < run["history"][0]["train_loss"] * 1.5

@@ -22,6 +22,7 @@ from .. import __version__
 from ..data import DATASETS, DataError, DatasetInfo, load_dataset
 from ..data.base import ArrayDataset
 from ..distributed import init_from_env, is_main
+from ..fisher.tracking import curvature_callback
 from ..models import MODELS, build_model, get_model_spec, save_checkpoint
 from ..models.registry import check_model_args
 from ..optim.kfac import unwrap
@@ -76,6 +77,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--save-model", metavar="PATH",
         help="save each trained model to PATH with the optimizer name appended to the stem "
         "(model.pt -> model-sgd.pt); rebuild with natgrad.models.load_checkpoint",
+    )
+    p.add_argument(
+        "--track-curvature", action="store_true",
+        help="after each epoch, record the exact Fisher's trace and largest eigenvalue on 256 "
+        "training samples (results.json 'curvature', curvature_vs_epoch.png)",
     )
     p.add_argument("--out", default="runs/compare", metavar="DIR",
                    help="output directory (default runs/compare)")
@@ -257,8 +263,14 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress and is_main(),
             desc=name,
         )
-        result = train(model, optimizer, train_data, test_data, loss_kind, config)
+        callbacks = []
+        if args.track_curvature:
+            tracker = curvature_callback(train_data.tensors, loss_kind, samples=256, seed=args.seed)
+            callbacks.append(tracker)
+        result = train(model, optimizer, train_data, test_data, loss_kind, config, callbacks)
         record = _run_record(name, args, info, lr, loss_kind, result, num_params)
+        if args.track_curvature:
+            record["curvature"] = tracker.records
         runs.append(record)
         say(f"\n{name} (lr {lr:g})\n{_history_table(record)}")
         if args.save_model and is_main():

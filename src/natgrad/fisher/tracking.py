@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..optim.kfac import unwrap
 from .ggn import ExactFisher
 from .lanczos import lanczos_topk
 from .trace import exact_trace
@@ -39,7 +40,7 @@ class CurvatureCallback:
 
     def __call__(self, epoch: int, model: nn.Module, row: dict[str, Any]) -> None:
         t0 = time.perf_counter()
-        frozen = copy.deepcopy(model).eval()
+        frozen = copy.deepcopy(unwrap(model)).eval()
         p = next(frozen.parameters())
         op = ExactFisher(frozen, (self.X.to(device=p.device, dtype=p.dtype),), self.loss,
                          chunk_size=self.chunk_size, cache=True)

@@ -108,15 +108,15 @@ def make_optimizer(
     return spec.factory(model, params, lr, loss_kind, **kwargs)
 
 
-def _kfac_strategy(strategy: str) -> Factory:
-    """A factory for :class:`natgrad.KFAC` with the named factor strategy."""
+def _kfac_strategy(strategy: str, **defaults: Any) -> Factory:
+    """A factory for :class:`natgrad.KFAC` with the named factor strategy and default options."""
 
     def factory(
         model: nn.Module, params: Params, lr: float, loss_kind: str, **kw: Any
     ) -> torch.optim.Optimizer:
         from .kfac import KFAC
 
-        kw.setdefault("factors", strategy)
+        kw = {"factors": strategy, **defaults, **kw}
         return KFAC(model, lr=lr, params=params, loss=loss_kind, **kw)
 
     return factory
@@ -124,4 +124,14 @@ def _kfac_strategy(strategy: str) -> Factory:
 
 OPTIMIZERS["kfac"] = OptimizerSpec(
     _kfac_strategy("eigh"), default_lr=0.1, description="K-FAC, dense eigendecompositions"
+)
+OPTIMIZERS["rkfac"] = OptimizerSpec(
+    _kfac_strategy("recursive"),
+    default_lr=0.1,
+    description="K-FAC, dense inverses maintained by Woodbury updates",
+)
+OPTIMIZERS["pkfac"] = OptimizerSpec(
+    _kfac_strategy("projected", factor_options={"rank": 32}, curvature_every=5, inverse_every=5),
+    default_lr=0.1,
+    description="projected K-FAC: rank-32 eigen-subspace + scaled identity, recursive refresh",
 )
