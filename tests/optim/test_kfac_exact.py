@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from natgrad import KFAC
-from natgrad.testing import kron_dense, layer_fisher_block, unvec, vec
+from natgrad.fisher.dense import kron_dense, layer_fisher_block, unvec, vec
 
 
 @pytest.fixture(autouse=True)

@@ -68,7 +68,10 @@ def _spectral_solve(V: Tensor, A: KroneckerFactor, G: KroneckerFactor, damping: 
     M1 = (d2 - c) * X
     M2 = Y * (d3 - c)
     M3 = Z * inv_core - d2 * Z - Z * d3 + c * Z
-    return torch.addmm(Ug @ torch.addmm(M1, M3, Ua.T), M2, Ua.T).add_(V, alpha=c)
+    # c V + U_G (M₁ + M₃ U_Aᵀ) + M₂ U_Aᵀ as one (d_G × (r_G + r_A)) @ ((r_G + r_A) × d_A) product
+    left = torch.cat([Ug, M2], dim=1)
+    right = torch.cat([torch.addmm(M1, M3, Ua.T), Ua.T], dim=0)
+    return torch.addmm(V, left, right, beta=c)
 
 
 def precondition(V: Tensor, A: KroneckerFactor, G: KroneckerFactor, damping: float) -> Tensor:

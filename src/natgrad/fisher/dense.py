@@ -34,3 +34,50 @@ def dense_ggn(model: nn.Module, X: Tensor, loss: str = "cross_entropy",
     B = get_likelihood(loss).hessian_sqrt(out) if factors is None else factors
     BJ = torch.einsum("nrc,ncp->nrp", B, J)
     return torch.einsum("nrp,nrq->pq", BJ, BJ) / X.shape[0]
+
+
+def layer_fisher_block(
+    model: nn.Module, layer: nn.Module, X: Tensor, loss: str = "cross_entropy"
+) -> Tensor:
+    """Exact (type-2) Fisher block of one Linear/Conv2d layer in K-FAC's ordering.
+
+    The coordinates are ``vec(V)`` (column-stacking) of the layer's matrix ``V = [W | b]`` of shape
+    ``(d_G, d_A)``, so the block is directly comparable with ``torch.kron(A, G)``.
+
+    Returns:
+        ``(d_G d_A, d_G d_A)``.
+    """
+    from ..layers import helper_for
+
+    helper, reason = helper_for(layer)
+    if helper is None:
+        raise ValueError(f"layer {type(layer).__name__} has no K-FAC helper ({reason})")
+    out, J = output_jacobian(model, X, helper.params)  # (N, C, P) in named_parameters order
+    N, C = J.shape[:2]
+    sizes = [p.numel() for p in helper.params]
+    JV = _jac_matrix(list(torch.split(J, sizes, dim=2)), helper, N, C)
+    BJ = get_likelihood(loss).hessian_sqrt(out) @ JV
+    return torch.einsum("ncp,ncq->pq", BJ, BJ) / N
+
+
+def _jac_matrix(parts: list[Tensor], helper, N: int, C: int) -> Tensor:
+    """Per-(sample, output) Jacobians as column-stacked ``vec(V)``: ``(N, C, d_G d_A)``."""
+    W = parts[0].reshape(N, C, helper.out_dim, -1)
+    if len(parts) > 1:
+        W = torch.cat([W, parts[1].reshape(N, C, helper.out_dim, 1)], dim=3)
+    return W.transpose(2, 3).reshape(N, C, -1)
+
+
+def kron_dense(A: Tensor, G: Tensor) -> Tensor:
+    """``A ⊗ G`` acting on column-stacked ``vec(V)``, ``V`` of shape ``(d_G, d_A)``."""
+    return torch.kron(A, G)
+
+
+def vec(V: Tensor) -> Tensor:
+    """Column-stacking vectorisation of a ``(d_G, d_A)`` matrix."""
+    return V.T.reshape(-1)
+
+
+def unvec(v: Tensor, rows: int) -> Tensor:
+    """Inverse of :func:`vec`."""
+    return v.reshape(-1, rows).T

@@ -39,6 +39,18 @@ logger = logging.getLogger("natgrad")
 _GROUP_KEYS = ("lr", "momentum", "weight_decay", "damping")
 
 
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is finite: one reduction per tensor, one sync.
+
+    A sum is non-finite iff an entry is (or the sum overflows, which only makes the check
+    conservative)."""
+    if not tensors:
+        return True
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    total = torch.stack([t.sum(dtype=acc) for t in tensors]).sum()
+    return bool(torch.isfinite(total))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
     return model.module if isinstance(model, (nn.parallel.DistributedDataParallel,
@@ -240,7 +252,7 @@ class KFAC(torch.optim.Optimizer):
         stats = self.distributed.reduce_statistics(stats, self.precondition and hp["curvature"])
 
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not all(bool(torch.isfinite(t).all()) for t in grads):
+        if not all_finite(grads):
             self.skipped_steps += 1
             warnings.warn(
                 f"natgrad.KFAC: non-finite gradient at step {k}; step skipped, curvature untouched "
@@ -255,8 +267,10 @@ class KFAC(torch.optim.Optimizer):
         if self.precondition:
             self._update_curvature(stats, hp, k, layer_group)
 
-        # directions d = ∇ + wd·p, then natural-gradient directions for layers with a curvature
+        # directions d = ∇ + wd·p, then natural-gradient directions for layers with a curvature;
+        # the KL-clip factor is kept apart (``scales``) and folded into the update below
         directions: dict[int, Tensor] = {}
+        scales: dict[int, float] = {}
         for g, ghp in zip(self.param_groups, hp["groups"]):
             for p in g["params"]:
                 if p.grad is None:
@@ -267,7 +281,7 @@ class KFAC(torch.optim.Optimizer):
                 directions[id(p)] = d
 
         if self.precondition:
-            self._precondition(directions, hp, layer_group)
+            self._precondition(directions, scales, hp, layer_group)
 
         for g, ghp in zip(self.param_groups, hp["groups"]):
             mu, lr = ghp["momentum"], ghp["lr"]
@@ -275,16 +289,17 @@ class KFAC(torch.optim.Optimizer):
                 d = directions.get(id(p))
                 if d is None:
                     continue
+                s = scales.get(id(p), 1.0)
                 if mu != 0:
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
                     if buf is None:
-                        buf = d.clone().detach()
+                        buf = d.mul(s) if s != 1.0 else d.clone().detach()
                         state["momentum_buffer"] = buf
                     else:
-                        buf.mul_(mu).add_(d)
-                    d = buf
-                p.add_(d, alpha=-lr)
+                        buf.mul_(mu).add_(d, alpha=s)
+                    d, s = buf, 1.0
+                p.add_(d, alpha=-lr * s)
 
         self.steps += 1
         self._capture.active = self.precondition and self._is_curvature_step(self.steps)
@@ -295,7 +310,7 @@ class KFAC(torch.optim.Optimizer):
     ) -> None:
         if hp["curvature"] and stats:
             for name, st in stats.items():
-                if not (torch.isfinite(st.a).all() and torch.isfinite(st.g).all()):
+                if not all_finite([st.a, st.g]):
                     self.skipped_curvature_updates += 1
                     warnings.warn(f"natgrad.KFAC: non-finite statistics in layer {name!r} at "
                                   f"step {k}; its factors are left untouched", RuntimeWarning,
@@ -323,9 +338,14 @@ class KFAC(torch.optim.Optimizer):
                           stacklevel=3)
 
     def _precondition(
-        self, directions: dict[int, Tensor], hp: dict[str, Any], layer_group: dict[str, int]
+        self,
+        directions: dict[int, Tensor],
+        scales: dict[int, float],
+        hp: dict[str, Any],
+        layer_group: dict[str, int],
     ) -> None:
-        """Replace the layers' directions by natural-gradient directions, KL-clipped."""
+        """Replace the layers' directions by natural-gradient directions; their KL-clip factor
+        goes to ``scales``."""
         new: dict[str, tuple[Tensor, Tensor]] = {}
         for name, helper in self.layers.items():
             A, G = self.factors[name]
@@ -343,7 +363,7 @@ class KFAC(torch.optim.Optimizer):
         scale = 1.0
         if hp["kl_clip"] is not None:
             vg = sum(
-                hp["groups"][layer_group[n]]["lr"] ** 2 * float((V * D).sum())
+                hp["groups"][layer_group[n]]["lr"] ** 2 * float(V.reshape(-1) @ D.reshape(-1))
                 for n, (V, D) in new.items()
             )
             if vg > 0:
@@ -351,7 +371,8 @@ class KFAC(torch.optim.Optimizer):
         for name, (_, D) in new.items():
             helper = self.layers[name]
             for p, d in zip(helper.params, helper.split_matrix(D)):
-                directions[id(p)] = (d * scale).to(p.dtype)
+                directions[id(p)] = d.to(p.dtype)
+                scales[id(p)] = scale
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
