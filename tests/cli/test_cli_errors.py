@@ -22,7 +22,7 @@ CASES = [
     (["--lr", "sgd"], "NAME=VALUE"),
     (["--lr", "sgd=abc"], "NAME=VALUE"),
     (["--lr", "sgd=-1"], "NAME=VALUE"),
-    (["--lr", "adam=0.1,kfac=1"], "not among --optimizers: sgd, adam"),
+    (["--optimizers", "sgd,adam", "--lr", "adam=0.1,kfac=1"], "not among --optimizers: sgd, adam"),
     (["--hidden", "10,x"], "--hidden expects positive integers"),
     (["--model", "cnn", "--hidden", "10"], "takes no hidden widths"),
     (["--model", "cnn", "--data", "teacher"], "needs an image data set"),

@@ -52,7 +52,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--rank", type=int, default=32, help="rank of projected K-FAC (default 32)")
     p.add_argument("--out", default="runs/analyze", metavar="DIR",
                    help="output directory (default runs/analyze)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int,
+                   help="torch.set_num_threads (use 1 on a busy machine: multi-threaded kernels "
+                        "stall when the cores are oversubscribed)")
+    p.add_argument("--cache-mb", type=int, default=1024, metavar="MB",
+                   help="memory for the cached forward passes of the Fisher products (default "
+                        "1024; chunks beyond it are recomputed, 0 disables the cache)")
     p.add_argument("--seed", type=int, default=0, help="initial weights and probes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -65,6 +70,8 @@ def _validate(args: argparse.Namespace) -> None:
                         ("--rank", args.rank), ("--threads", args.threads)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be a positive integer, got {value}")
+    if args.cache_mb < 0:
+        raise UsageError(f"--cache-mb must be non-negative, got {args.cache_mb}")
     if args.probes < 2 and args.density:
         raise UsageError("--probes must be at least 2 for standard errors")
     if not args.damping > 0:
@@ -133,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         report = analyze(model, (X, y), spec.loss_kind, fisher=args.fisher, top_k=args.top_k,
                          density=args.density, probes=args.probes, slq_steps=args.slq_steps,
                          damping=args.damping, tol=args.tol, projected_rank=args.rank,
-                         seed=args.seed, progress=progress)
+                         seed=args.seed, cache=args.cache_mb > 0,
+                         cache_bytes=args.cache_mb << 20, progress=progress)
     finally:
         bar.update(bar.total - bar.n)
         bar.close()

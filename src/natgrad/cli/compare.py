@@ -31,7 +31,7 @@ from ..report import format_table, plot_runs, write_json
 from ..train import TrainConfig, TrainResult, train
 from .common import UsageError, parse_lrs, parse_names, parse_widths
 
-DEFAULT_OPTIMIZERS = "sgd,adam"
+DEFAULT_OPTIMIZERS = "sgd,adam,kfac,pkfac"
 DEFAULT_EPOCHS = 10
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..factors import STRATEGIES
 from ..layers import helper_for
 from .ggn import EmpiricalFisher, ExactFisher, GGNOperator, MCFisher
-from .kfac import KFACOperator, layer_statistics
+from .kfac import KFACOperator, layer_statistics, layer_traces
 from .kron import kfac_logdet, kfac_top_eigenvalues, kfac_trace
 from .lanczos import condition_number, lanczos_topk
 from .quality import (
@@ -42,6 +42,16 @@ def _est(e: Estimate) -> dict[str, Any]:
     return {"value": e.value, "stderr": e.stderr, "samples": e.samples}
 
 
+def _dense_top(op: GGNOperator, k: int) -> tuple[Tensor, Tensor, str]:
+    """Top-``k`` eigenvalues of a small block formed densely from per-sample rows, with their
+    relative residuals ``‖M v − θ v‖ / θ`` against that matrix."""
+    M = op.gram().double()
+    theta, Q = torch.linalg.eigh(M)
+    values, vectors = theta.flip(0)[:k], Q.flip(1)[:, :k]
+    res = (M @ vectors - vectors * values).norm(dim=0) / values.abs().clamp_min(1e-300)
+    return values, res, "dense (per-sample rows)"
+
+
 def analyze(
     model: nn.Module,
     data: tuple[Tensor, ...],
@@ -57,11 +67,20 @@ def analyze(
     seed: int = 0,
     chunk_size: int = 250,
     cache: bool = True,
+    cache_bytes: int | None = 1 << 30,
+    dense_block_max: int = 2048,
     progress: Callable[[str], None] = lambda stage: None,
 ) -> dict[str, Any]:
     """Analyse the Fisher of ``model`` on ``data``; returns a JSON-ready dict (see the README).
 
     ``progress(stage)`` is called before each stage (for a progress bar).
+
+    Cost, in products with ``F`` (each one linearised forward and one backward per chunk, the
+    chunks' forward passes cached within ``cache_bytes``): top-``k`` Lanczos (its run doubles as
+    the first SLQ probe), ``probes − 1`` further SLQ runs of ``slq_steps``, ``L · probes`` block
+    products for the approximation errors (``F V`` is their sum); per layer, blocks with at most
+    ``dense_block_max`` parameters are formed densely from per-sample rows, larger ones get
+    Lanczos on the block operator (only that layer differentiated).
     """
     timings: dict[str, float] = {}
     report: dict[str, Any] = {}
@@ -75,7 +94,7 @@ def analyze(
 
     kw = {"mc_samples": 1, "seed": seed} if fisher == "mc" else {}
     op = FISHERS[fisher](model, data, loss, chunk_size=chunk_size, cache=cache,
-                             max_columns=1, **kw)
+                         cache_bytes=cache_bytes, max_columns=1, **kw)
     layers = {n: h for n, m in model.named_modules() for h in [helper_for(m)[0]] if h is not None}
     groups = {n: op.block_indices(n) for n in layers}
     report.update(params=op.dim, samples=op.num_samples, fisher=fisher, loss=loss,
@@ -84,13 +103,20 @@ def analyze(
     if fisher == "empirical":
         report["note"] = "empirical Fisher: data-label gradient outer products, not a Fisher"
 
+    all_converged = True
     stage("trace")
-    diag = op.diagonal()
-    report["trace"] = {"value": float(diag.double().sum()), "stderr": 0.0, "exact": True}
+    # per layer from R backward passes to the layer outputs; the exact diagonal (per-sample
+    # gradients) only for parameters outside every recognised layer
+    layer_trace = layer_traces(op, layers)
+    covered = {i for idx in groups.values() for i in idx}
+    rest = [n for i, n in enumerate(op.names) if i not in covered]
+    rest_trace = float(op.restrict(rest).diagonal().double().sum()) if rest else 0.0
+    report["trace"] = {"value": sum(layer_trace.values()) + rest_trace, "stderr": 0.0,
+                       "exact": True}
     done("trace")
 
     stage("top_k")
-    top = lanczos_topk(op, k=top_k, tol=tol, seed=seed)
+    top = lanczos_topk(op, k=top_k, tol=tol, seed=seed, min_steps=slq_steps if density else 0)
     report["top_eigenvalues"] = top.values.tolist()
     report["top_residuals"] = top.residuals.tolist()
     report["top_converged"] = top.converged
@@ -107,13 +133,18 @@ def analyze(
 
     if density:
         stage("density")
-        quad = quadrature(op, probes=probes, steps=slq_steps, seed=seed + 1)
+        # the top-k run started from a Gaussian vector: an unbiased SLQ probe when long enough
+        reuse = top.alpha is not None and top.alpha.numel() >= min(slq_steps, op.dim)
+        runs = [(top.alpha, top.beta)] if reuse else []
+        quad = quadrature(op, probes=probes, steps=slq_steps, seed=seed + 1, runs=runs)
         dens = spectral_density(quad=quad, num_points=400, log_grid=True)
         report["logdet"] = _est(slq_logdet(quad=quad, damping=damping))
         report["effective_dimension"] = _est(effective_dimension(quad=quad, z=damping))
         report["density"] = {"grid": dens.grid.tolist(), "density": dens.density.tolist(),
                              "sigma_log10": dens.sigma, "grid_scale": "log10",
-                             "nodes": quad.nodes.tolist(), "weights": quad.weights.tolist()}
+                             "nodes": quad.nodes.tolist(), "weights": quad.weights.tolist(),
+                             "probes": probes, "steps": slq_steps,
+                             "probes_from_top_k_run": len(runs)}
         done("density")
     else:
         report["logdet"] = report["effective_dimension"] = None
@@ -146,16 +177,25 @@ def analyze(
     done("approximation")
 
     stage("layers")
+    op.clear_cache()  # the full operator is not multiplied again
     rows = []
     for b, name in enumerate(names):
         idx = groups[name]
-        sl = torch.cat([torch.arange(op.offsets[i], op.offsets[i + 1]) for i in idx])
         blk = op.block(name)
-        lt = lanczos_topk(blk, k=min(top_k, blk.dim), tol=tol, seed=seed)
-        row = {"name": name, "kind": layers[name].kind, "params": blk.dim,
-               "trace": float(diag[sl].double().sum()),
-               "top_eigenvalue": float(lt.values[0]),
-               "top_eigenvalues": lt.values.tolist(), "top_residuals": lt.residuals.tolist()}
+        k = min(top_k, blk.dim)
+        if blk.dim <= dense_block_max:
+            values, residuals, method = _dense_top(blk, k)
+        else:
+            lt = lanczos_topk(blk, k=k, tol=tol, seed=seed)
+            values, residuals, method = lt.values, lt.residuals, f"lanczos ({lt.steps} products)"
+            all_converged &= lt.converged
+        blk_dim = blk.dim
+        del blk  # frees its cached forward passes
+        row = {"name": name, "kind": layers[name].kind, "params": blk_dim,
+               "trace": layer_trace[name],
+               "top_eigenvalue": float(values[0]),
+               "top_eigenvalues": values.tolist(), "top_residuals": residuals.tolist(),
+               "eigen_method": method}
         for key, K in approximations.items():
             err = block_relative_error(op, bp, b, K)
             row[f"{key}_relative_error"] = err.value
@@ -163,13 +203,13 @@ def analyze(
             A, G = K.factors[name]
             row[f"{key}_top_eigenvalues"] = kfac_top_eigenvalues(
                 KFACOperator(model, {name: layers[name]}, {name: (A, G)},
-                             params=[op.names[i] for i in idx]), min(top_k, blk.dim)).tolist()
+                             params=[op.names[i] for i in idx]), k).tolist()
             row[f"{key}_trace"] = A.trace() * G.trace()
         rows.append(row)
     report["layers"] = rows
     done("layers")
     report["timings_s"] = timings
-    report["all_converged"] = bool(top.converged)
+    report["all_converged"] = bool(top.converged and all_converged)
     if not math.isfinite(report["condition_number"]["value"]):
         report["condition_number"]["value"] = None
     return report

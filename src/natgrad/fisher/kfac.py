@@ -86,18 +86,10 @@ class KFACOperator(LinearOperator):
         seed: int = 0,
     ) -> KFACOperator:
         """Fresh factors of ``strategy`` from one pass over ``data`` (see the module docstring)."""
-        if fisher not in _FISHERS:
-            raise ValueError(f"fisher={fisher!r} is not supported; accepted: {sorted(_FISHERS)}")
-        check_deterministic(model)
-        kwargs = {"mc_samples": mc_samples, "seed": seed} if fisher == "mc" else {}
-        ggn = _FISHERS[fisher](model, data, loss, chunk_size=chunk_size, **kwargs)
-        layers = {}
-        for name, module in model.named_modules():
-            helper, _ = helper_for(module)
-            if helper is not None:
-                layers[name] = helper
-        stats = _layer_sums(model, layers, ggn, data, chunk_size)
-        return cls.from_statistics(model, layers, stats, ggn.num_samples, strategy,
+        layers, stats, num_samples = layer_statistics(
+            model, data, loss, fisher, chunk_size, mc_samples, seed
+        )
+        return cls.from_statistics(model, layers, stats, num_samples, strategy,
                                    factor_options)
 
     @classmethod
@@ -247,3 +239,68 @@ def _layer_sums(
             h.remove()
     return {n: (s[0].root(), s[1].root(), s[2]) for n, s in sums.items()
             if s[1].rows or s[1].gram is not None}
+
+
+def layer_traces(ggn: GGNOperator, layers: dict[str, LayerHelper],
+                 memory_elements: int = 1 << 24) -> dict[str, float]:
+    """Exact ``tr F_ℓℓ = (1/N) Σ_n Σ_r ‖∂(B_n f_n)_r / ∂θ_ℓ‖²`` per layer, from one forward and
+    ``R`` backward passes per chunk to the layer outputs (no per-sample gradients of all
+    parameters): the per-sample gradient of a layer is ``Σ_t g_t ā_tᵀ`` with the helpers' rows,
+    whose squared norm is ``‖g‖² ‖ā‖²`` when ``T = 1``. Needs an eval-mode model whose samples do
+    not interact (checked by the operator)."""
+    model = ggn.model
+    store: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def hook(name: str):
+        def fn(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            store[name] = (inputs[0].detach(), output)
+            return output.clone()
+        return fn
+
+    handles = [h.module.register_forward_hook(hook(n)) for n, h in layers.items()]
+    sums = {n: torch.zeros((), dtype=torch.float64) for n in layers}
+    try:
+        for i, (x, y) in enumerate(iter_chunks(ggn.data, ggn.chunk_size)):
+            x = x.to(device=ggn.device, dtype=ggn.dtype)
+            with torch.enable_grad():
+                out = model(x).flatten(1)
+                B = ggn.output_factor(out.detach(), y, i)
+                m = out.shape[0]
+                names = [n for n in store if store[n][1].requires_grad]
+                A = {n: layers[n].input_rows(store[n][0]).reshape(m, -1, layers[n].in_dim)
+                     for n in names}
+                for r in range(B.shape[1]):
+                    grads = torch.autograd.grad((B[:, r, :] * out).sum(),
+                                                [store[n][1] for n in names],
+                                                retain_graph=r < B.shape[1] - 1,
+                                                allow_unused=True)
+                    for n, g in zip(names, grads):
+                        if g is None:
+                            continue
+                        G = layers[n].output_grad_rows(g).reshape(m, -1, layers[n].out_dim)
+                        sums[n] += _per_sample_sq_norms(G, A[n], memory_elements)
+            store.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: float(v) / ggn.num_samples for n, v in sums.items()}
+
+
+def _per_sample_sq_norms(G: Tensor, A: Tensor, memory_elements: int) -> Tensor:
+    """``Σ_n ‖G_nᵀ A_n‖_F²`` for ``G (m, T, d_G)``, ``A (m, T, d_A)`` (float64 sum)."""
+    if G.shape[1] == 1:
+        return (G.double().pow(2).sum((1, 2)) * A.double().pow(2).sum((1, 2))).sum()
+    m, T, dg = G.shape
+    da = A.shape[2]
+    total = torch.zeros((), dtype=torch.float64)
+    if T * T * (dg + da) < T * dg * da:  # Gram form: Σ_tt' (g_t·g_t')(a_t·a_t')
+        sub = max(1, memory_elements // (T * T))
+        for s in range(0, m, sub):
+            gg = G[s:s + sub] @ G[s:s + sub].transpose(1, 2)
+            aa = A[s:s + sub] @ A[s:s + sub].transpose(1, 2)
+            total += (gg.double() * aa.double()).sum()
+        return total
+    sub = max(1, memory_elements // (dg * da))
+    for s in range(0, m, sub):
+        total += (G[s:s + sub].transpose(1, 2) @ A[s:s + sub]).double().pow(2).sum()
+    return total

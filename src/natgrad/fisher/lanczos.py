@@ -77,17 +77,20 @@ def lanczos_topk(
     tol: float = 1e-3,
     seed: int = 0,
     check_every: int = 5,
+    min_steps: int = 0,
 ) -> Eigenpairs:
     """The ``k`` largest eigenpairs of a symmetric operator.
 
     Runs single-vector Lanczos with full reorthogonalisation until the Ritz residual estimates
     ``|β_m s_{m,i}| / |θ_i|`` of the top ``k`` fall below ``tol / 10`` (or ``max_steps``, default
     ``max(4k, 60)``), then measures the true relative residuals ``‖F v − θ v‖ / |θ|`` with one
-    ``(P, k)`` product. ``converged`` means every true residual ``≤ tol``.
+    ``(P, k)`` product. ``converged`` means every true residual ``≤ tol``. ``min_steps``: run at
+    least that many steps (unless the Krylov space is exhausted), e.g. to reuse the run's
+    tridiagonal (``alpha``, ``beta``) as an SLQ probe of that many steps.
     """
     P = op.dim
     k = min(k, P)
-    max_steps = min(P, max_steps or max(4 * k, 60))
+    max_steps = min(P, max(max_steps or max(4 * k, 60), min_steps))
     gen = torch.Generator().manual_seed(seed)
     dt = _basis_dtype(op)
     Q = torch.zeros(max_steps, P, dtype=dt, device=op.device)
@@ -103,7 +106,8 @@ def lanczos_topk(
             w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
         m = j + 1
         nrm = float(w.norm())
-        if m >= k and (m % check_every == 0 or m == max_steps or nrm < 1e-12):
+        if m >= max(k, min_steps) and (m % check_every == 0 or m == max_steps
+                                        or m == min_steps or nrm < 1e-12):
             theta, S = torch.linalg.eigh(_tridiag(_t(alpha), _t(beta)))
             top = theta.flip(0)[:k]
             est = nrm * S[-1].flip(0)[:k].abs() / top.abs().clamp_min(1e-300)
@@ -113,7 +117,8 @@ def lanczos_topk(
             break
         beta.append(nrm)
         q = w / nrm
-    theta, S = torch.linalg.eigh(_tridiag(_t(alpha), _t(beta[: m - 1])))
+    a, b = _t(alpha), _t(beta[: m - 1])
+    theta, S = torch.linalg.eigh(_tridiag(a, b))
     order = torch.argsort(theta, descending=True)[:k]
     values = theta[order]
     vectors = (Q[:m].T.double() @ S[:, order].to(Q.device)).to(op.dtype)
@@ -122,7 +127,7 @@ def lanczos_topk(
     rel = res / values.abs().clamp_min(1e-300)
     return Eigenpairs(values=values, vectors=vectors, residuals=rel,
                       converged=bool((rel <= tol).all()), steps=m + k, tol=tol,
-                      smallest_ritz=float(theta.min()))
+                      smallest_ritz=float(theta.min()), alpha=a, beta=b)
 
 
 def condition_number(

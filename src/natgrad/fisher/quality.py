@@ -56,25 +56,34 @@ class BlockProducts:
 
 
 def block_products(op: LinearOperator, groups: Sequence[Sequence[int]], probes: int = 8,
-                   seed: int = 0) -> BlockProducts:
+                   seed: int = 0, V: Tensor | None = None) -> BlockProducts:
     """``F V`` and the block-diagonal part ``Σ_ℓ S_ℓ S_ℓᵀ F S_ℓ S_ℓᵀ V`` on Gaussian probes.
 
-    ``groups``: parameter indices (into ``op.names``) per block. ``(1 + L) · probes`` products.
+    ``groups``: parameter indices (into ``op.names``) per block; ``V``: probes to use instead.
+    ``F V = Σ_ℓ F S_ℓ S_ℓᵀ V`` is assembled from the same products when the groups are disjoint
+    (plus one column per probe for parameters outside every group), so the cost is
+    ``L · probes`` products (``(L + 1) · probes`` with uncovered parameters).
     """
-    V = gaussian_probes(op, probes, seed)
+    V = gaussian_probes(op, probes, seed) if V is None else V.to(op.dtype)
+    probes = V.shape[1]
     masks = []
     for g in groups:
         m = torch.zeros(op.dim, dtype=torch.bool, device=op.device)
         for i in g:
             m[op.offsets[i]:op.offsets[i + 1]] = True
         masks.append(m)
-    stacked = torch.cat([V] + [V * m[:, None] for m in masks], dim=1)
-    out = op @ stacked
-    FV = out[:, :probes]
-    DV = torch.zeros_like(FV)
-    for b, m in enumerate(masks):
-        part = out[:, probes * (b + 1):probes * (b + 2)]
+    count = torch.stack(masks).sum(0) if masks else torch.zeros(op.dim, dtype=torch.long)
+    disjoint = bool((count <= 1).all())
+    rest = count == 0
+    extra = [V * rest[:, None]] if disjoint and bool(rest.any()) else []
+    if not disjoint:
+        extra = [V]
+    out = op @ torch.cat([V * m[:, None] for m in masks] + extra, dim=1)
+    parts = out.split(probes, dim=1)
+    DV = torch.zeros_like(V)
+    for m, part in zip(masks, parts):
         DV[m] = part[m]
+    FV = parts[-1] if not disjoint else sum(parts[1:], parts[0].clone())
     return BlockProducts(V, FV, DV, tuple(tuple(g) for g in groups))
 
 

@@ -45,6 +45,10 @@ class Eigenpairs:
         converged: every residual ``≤ tol``.
         steps: Lanczos steps (= products with the operator, plus ``k`` for the residuals).
         tol: the tolerance used.
+        smallest_ritz: the smallest Ritz value of the run.
+        alpha, beta: the run's tridiagonal ``(m,)``, ``(m − 1,)`` (float64); its start vector is
+            an isotropic random vector, so it doubles as one stochastic Lanczos quadrature probe
+            (:func:`natgrad.fisher.slq.quadrature`, ``runs=``).
     """
 
     values: Tensor
@@ -54,6 +58,8 @@ class Eigenpairs:
     steps: int
     tol: float
     smallest_ritz: float = float("nan")
+    alpha: Tensor | None = field(default=None, repr=False)
+    beta: Tensor | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

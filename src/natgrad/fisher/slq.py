@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -16,18 +16,31 @@ from .trace import rademacher
 
 
 def quadrature(op: LinearOperator, probes: int = 4, steps: int = 40, seed: int = 0,
-               batch: int = 4) -> Quadrature:
-    """Nodes and weights of ``probes`` Rademacher-started Lanczos runs of ``steps`` steps."""
+               batch: int = 4, runs: Sequence[tuple[Tensor, Tensor]] = ()) -> Quadrature:
+    """Nodes and weights of ``probes`` Lanczos runs of ``steps`` steps.
+
+    ``runs``: tridiagonals ``(alpha, beta)`` of Lanczos runs already made from isotropic random
+    start vectors (Gaussian, e.g. :attr:`Eigenpairs.alpha` / ``beta`` of
+    :func:`~natgrad.fisher.lanczos.lanczos_topk`, or Rademacher), reused as probes (truncated to
+    ``steps``; a shorter run that broke down is padded with zero weights); the other
+    ``probes − len(runs)`` start from fresh Rademacher vectors.
+    """
     gen = torch.Generator().manual_seed(seed)
-    nodes, weights = [], []
-    for s in range(0, probes, batch):
-        V = rademacher(op.dim, min(batch, probes - s), gen, op.dtype).to(op.device)
+    tridiagonals = [(a[:steps].double(), b[:max(steps - 1, 0)].double())
+                    for a, b in list(runs)[:probes]]
+    fresh = probes - len(tridiagonals)
+    for s in range(0, fresh, batch):
+        V = rademacher(op.dim, min(batch, fresh - s), gen, op.dtype).to(op.device)
         alpha, beta, _ = tridiagonalize(op, V, steps)
-        for a, b in zip(alpha, beta):
-            T = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
-            theta, S = torch.linalg.eigh(T)
-            nodes.append(theta)
-            weights.append(S[0].pow(2))
+        tridiagonals.extend(zip(alpha, beta))
+    width = max(a.numel() for a, _ in tridiagonals)
+    nodes, weights = [], []
+    for a, b in tridiagonals:
+        T = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+        theta, S = torch.linalg.eigh(T)
+        pad = width - theta.numel()
+        nodes.append(torch.cat([theta, theta[-1:].expand(pad)]))
+        weights.append(torch.cat([S[0].pow(2), theta.new_zeros(pad)]))
     return Quadrature(torch.stack(nodes), torch.stack(weights), op.dim)
 
 

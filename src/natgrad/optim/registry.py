@@ -131,7 +131,9 @@ OPTIMIZERS["rkfac"] = OptimizerSpec(
     description="K-FAC, dense inverses maintained by Woodbury updates",
 )
 OPTIMIZERS["pkfac"] = OptimizerSpec(
-    _kfac_strategy("projected", factor_options={"rank": 32}, curvature_every=5, inverse_every=5),
+    _kfac_strategy(
+        "projected", factor_options={"rank": 16}, curvature_every=10, inverse_every=10
+    ),
     default_lr=0.1,
-    description="projected K-FAC: rank-32 eigen-subspace + scaled identity, recursive refresh",
+    description="projected K-FAC: rank-16 eigen-subspace + scaled identity, recursive refresh",
 )
