@@ -139,3 +139,16 @@ def test_tiny_parity_end_to_end(tmp_path, capsys):
     for fig in parity["models"]["mlp"]["figures"]:
         assert (out / fig).is_file() and f"]({fig})" in md
     assert "estimated time" in capsys.readouterr().out
+
+    # --render rebuilds the document from the saved JSON with the edited discussion only
+    discussion.write_text("# Discussion\n\nrevised text\n")
+    assert main(["reproduce", "--render", "--out", str(out), "--discussion",
+                 str(discussion)]) == 0
+    rebuilt = (out / "RESULTS.md").read_text()
+    assert "revised text" in rebuilt and "hand-written text" not in rebuilt
+    assert rebuilt.replace("revised", "hand-written") == md
+
+
+def test_render_without_a_previous_run_is_a_usage_error(tmp_path, capsys):
+    assert main(["reproduce", "--render", "--out", str(tmp_path)]) == 2
+    assert "run natgrad reproduce first" in capsys.readouterr().err

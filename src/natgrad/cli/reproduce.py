@@ -35,6 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--discussion", metavar="PATH",
                    help="hand-written discussion included verbatim (default OUT/DISCUSSION.md "
                    "if it exists, else docs/DISCUSSION.md of the source tree)")
+    p.add_argument("--render", action="store_true",
+                   help="only rebuild OUT/RESULTS.md from the JSON of a previous run (e.g. after "
+                   "editing the discussion); measures nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only
     p.set_defaults(func=run)
@@ -104,5 +107,9 @@ def run(args: argparse.Namespace) -> int:
     from ..reproduce.runner import default_discussion
 
     discussion = Path(args.discussion) if args.discussion else default_discussion(out)
+    if args.render:
+        from ..reproduce.runner import render
+
+        return render(out, discussion)
     return reproduce(settings, out, parts, command_line(args), skip_reason=reason,
                      discussion=discussion, progress=not args.no_progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import sys
@@ -134,3 +135,27 @@ def reproduce(settings: Settings, out: str | Path, parts: Sequence[str], command
     print(f"wrote {out / 'RESULTS.md'} in {_minutes(total)}"
           + (f"; not complete: {', '.join(failed)}" if failed else ""), file=stream)
     return 1 if failed else 0
+
+
+def render(out: str | Path, discussion: Path | None = None, stream: Any = None) -> int:
+    """Rebuild ``OUT/RESULTS.md`` from the JSON a previous run wrote (``OUT/results/``), with the
+    discussion re-read from ``discussion``; nothing is measured again.
+
+    Returns 0, or 2 when ``OUT/results/reproduce.json`` is missing.
+    """
+    stream = stream or sys.stdout
+    out = Path(out)
+    index = out / "results" / "reproduce.json"
+    if not index.is_file():
+        print(f"natgrad reproduce: error: {index} not found: run natgrad reproduce first",
+              file=sys.stderr)
+        return 2
+    saved = json.loads(index.read_text())
+    statuses = saved.pop("parts")
+    docs = {p: json.loads((out / st["json"]).read_text())
+            for p, st in statuses.items() if st.get("json") and (out / st["json"]).is_file()}
+    if discussion is not None and discussion.is_file():
+        docs["discussion"] = {"path": str(discussion), "text": discussion.read_text()}
+    (out / "RESULTS.md").write_text(results_md(saved, statuses, docs, PART_TITLES))
+    print(f"rebuilt {out / 'RESULTS.md'} from {index.parent}", file=stream)
+    return 0
