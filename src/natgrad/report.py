@@ -53,6 +53,43 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
+def save_figure(fig: Any, path: str | Path, axes: Sequence[Any] = (), legend: bool = True) -> Path:
+    """Grid (and legend) on ``axes``, tight layout, write ``path`` as a 120-dpi PNG, close."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if legend:
+            ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curvature(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> Path:
+    """Exact-Fisher trace and largest eigenvalue per epoch, one line per optimizer.
+
+    ``runs`` maps a label to rows with ``epoch``, ``trace`` and ``top_eigenvalue``
+    (``natgrad compare --track-curvature``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rows in runs.items():
+        epochs = [r["epoch"] for r in rows]
+        axes[0].plot(epochs, [r["trace"] for r in rows], marker="o", ms=3, label=name)
+        axes[1].plot(epochs, [r["top_eigenvalue"] for r in rows], marker="o", ms=3, label=name)
+    axes[0].set(xlabel="epoch", ylabel="tr F (exact Fisher)", yscale="log")
+    axes[1].set(xlabel="epoch", ylabel="largest eigenvalue of F", yscale="log")
+    return save_figure(fig, path, axes)
+
+
 def plot_runs(runs: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
     """Plots of a comparison: loss vs cumulative training time, and accuracy vs epoch.
 
@@ -76,12 +113,7 @@ def plot_runs(runs: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Pa
         (line,) = ax.plot(t, [r["test_loss"] for r in h], marker="o", ms=3, label=run["optimizer"])
         ax.plot(t, [r["train_loss"] for r in h], ls="--", color=line.get_color())
     ax.set(xlabel="training time (s)", ylabel="loss (solid: test, dashed: train)", yscale="log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out_dir / "loss_vs_time.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / "loss_vs_time.png", [ax]))
 
     has_acc = any(r["history"] and r["history"][0]["test_accuracy"] is not None for r in runs)
     key, label, name = (
@@ -95,29 +127,9 @@ def plot_runs(runs: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Pa
         ax.plot([r["epoch"] for r in h], [r[key] for r in h], marker="o", ms=3,
                 label=run["optimizer"])
     ax.set(xlabel="epoch", ylabel=label)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out_dir / name)
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / name, [ax]))
 
-    tracked = [run for run in runs if run.get("curvature")]
+    tracked = {run["optimizer"]: run["curvature"] for run in runs if run.get("curvature")}
     if tracked:  # natgrad compare --track-curvature
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for run in tracked:
-            c = run["curvature"]
-            epochs = [r["epoch"] for r in c]
-            axes[0].plot(epochs, [r["trace"] for r in c], marker="o", ms=3, label=run["optimizer"])
-            axes[1].plot(epochs, [r["top_eigenvalue"] for r in c], marker="o", ms=3,
-                         label=run["optimizer"])
-        axes[0].set(xlabel="epoch", ylabel="tr F (exact Fisher)", yscale="log")
-        axes[1].set(xlabel="epoch", ylabel="largest eigenvalue of F", yscale="log")
-        for ax in axes:
-            ax.legend()
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(out_dir / "curvature_vs_epoch.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(plot_curvature(tracked, out_dir / "curvature_vs_epoch.png"))
     return paths

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..report import save_figure
+
 
 def plot_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """``spectrum.png`` (top-k exact vs K-FAC), ``density.png`` (SLQ), ``layers.png`` (per layer
@@ -25,12 +27,7 @@ def plot_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
         ev = a["top_eigenvalues_closed_form"]
         ax.semilogy(range(1, len(ev) + 1), ev, "s--", ms=4, label=f"{key} (closed form)")
     ax.set(xlabel="index", ylabel="eigenvalue", title="top eigenvalues")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "spectrum.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "spectrum.png", [ax]))
 
     if report.get("density"):
         d = report["density"]
@@ -40,11 +37,7 @@ def plot_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
                ylabel="density (per log10 unit)",
                title=f"SLQ spectral density ({len(d['nodes'])} probes)")
         ax.set_ylim(bottom=max(1e-8, min(v for v in d["density"] if v > 0)))
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(out / "density.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(save_figure(fig, out / "density.png", [ax], legend=False))
 
     layers = report["layers"]
     if layers:
@@ -57,11 +50,7 @@ def plot_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
                 if kv:
                     ax.semilogy(range(1, len(kv) + 1), kv, "s--", ms=4, label=key)
             ax.set(title=f"{row['name']} ({row['kind']}, {row['params']:,})", xlabel="index")
-            ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("eigenvalue")
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "layers.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(save_figure(fig, out / "layers.png", list(axes[0]), legend=False))
     return paths

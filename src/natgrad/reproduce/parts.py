@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ..models import get_model_spec
+from ..report import plot_curvature
 from .settings import MODELS, PARITY_OPTIMIZERS, Settings
 
 
@@ -354,29 +355,6 @@ def _track_with_callback(ctx: Context, opts: Sequence[str]) -> dict[str, list[di
     return runs
 
 
-def _plot_tracking(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, rows in runs.items():
-        epochs = [r["epoch"] for r in rows]
-        axes[0].semilogy(epochs, [r["trace"] for r in rows], "o-", label=name)
-        axes[1].semilogy(epochs, [r["top_eigenvalue"] for r in rows], "o-", label=name)
-    axes[0].set(xlabel="epoch", ylabel="trace of the exact Fisher")
-    axes[1].set(xlabel="epoch", ylabel="largest eigenvalue")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def run_analysis(ctx: Context) -> dict[str, Any]:
     """Train a CNN with SGD, ``natgrad analyze`` its checkpoint; track curvature over training."""
     s = ctx.settings
@@ -428,7 +406,7 @@ def run_analysis(ctx: Context) -> dict[str, Any]:
                                   " epoch 0 is the initial model")
         tracking["runs"] = runs
         tracking["figure"] = ctx.figure(
-            _plot_tracking(runs, work / "curvature_tracking.png"),
+            plot_curvature(runs, work / "curvature_tracking.png"),
             "analysis-curvature_tracking.png")
     except PartUnavailable as exc:
         tracking["error"] = str(exc)
