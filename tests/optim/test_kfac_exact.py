@@ -75,12 +75,18 @@ def test_single_linear_layer_one_datum_is_exact(bias):
     torch.testing.assert_close(kron_dense(A.to_dense(), G.to_dense()), F_ref, rtol=1e-9, atol=1e-12)
 
 
-def test_deep_linear_network_one_datum_blocks_are_exact():
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_deep_linear_network_one_datum_blocks_are_exact(loss):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(3, 3))
-    x, y = torch.randn(1, 4), torch.tensor([1])
-    refs = {name: layer_fisher_block(model, model[int(name)], x) for name in ("0", "1", "2")}
-    opt = _one_step(model, x, y, fisher="exact")
+    x = torch.randn(1, 4)
+    y = torch.tensor([1]) if loss == "cross_entropy" else torch.randn(1, 3)
+    refs = {name: layer_fisher_block(model, model[int(name)], x, loss) for name in ("0", "1", "2")}
+    opt = KFAC(model, lr=1.0, momentum=0.0, kl_clip=None, fisher="exact", loss=loss)
+    out = model(x)
+    nll = F.cross_entropy(out, y) if loss == "cross_entropy" else 0.5 * (out - y).pow(2).sum()
+    nll.backward()
+    opt.step()
     for name, F_ref in refs.items():
         A, G = opt.factors[name]
         K = kron_dense(A.to_dense(), G.to_dense())
