@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..factors import KroneckerFactor, make_factor, precondition
 from ..factors.projected import ProjectedFactor
-from ..report import format_table, write_json
+from ..report import format_table, save_figure, write_json
 
 STRATEGY_NAMES = ("eigh", "cholesky", "recursive", "projected")
 
@@ -345,13 +345,7 @@ def plot_scaling(doc: dict[str, Any], path: str | Path) -> Path:
         ax.minorticks_off()
         ax.set_xlabel("width d")
         ax.set_ylabel("seconds (median)")
-        ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     cfg = doc["config"]
     fig.suptitle(f"batch {cfg['batch']}, {cfg['dtype']}, {cfg['threads']} threads", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, axes, legend=False)
