@@ -114,6 +114,8 @@ def test_kfac_decreases_the_loss_faster_than_its_own_sgd_twin():
         ({"inverse_every": 1.5}, "inverse_every"), ({"kl_clip": -1.0}, "kl_clip"),
         ({"loss": "hinge"}, "loss"), ({"fisher": "true"}, "fisher"),
         ({"factors": "svd"}, "factors"), ({"factor_options": 3}, "factor_options"),
+        ({"factor_dtype": "f64"}, "factor_dtype"), ({"factor_dtype": torch.int32}, "factor_dtype"),
+        ({"factors": "projected", "factor_options": {"rank": 0}}, "rank"),
         ({"params": [{"params": [], "damping": -1}]}, "damping"),
     ],
 )

@@ -129,6 +129,13 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError(f"invalid fisher={fisher!r}: accepted values: {list(FISHER_TYPES)}")
         if factors not in STRATEGIES:
             raise ValueError(f"invalid factors={factors!r}: accepted values: {sorted(STRATEGIES)}")
+        if factor_dtype is not None and not (
+            isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"invalid factor_dtype={factor_dtype!r}: expected None or a floating torch.dtype "
+                "(torch.float32, torch.float64, ...)"
+            )
         if factor_options is not None and not isinstance(factor_options, dict):
             raise ValueError("invalid factor_options: expected a dict of keyword arguments or None")
         net = unwrap(model)
