@@ -18,7 +18,7 @@ Parameters outside every recognised layer get a **zero** block (listed in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -195,15 +195,16 @@ def layer_statistics(
         helper, _ = helper_for(module)
         if helper is not None:
             layers[name] = helper
-    return layers, _layer_sums(model, layers, ggn, data, chunk_size), ggn.num_samples
+    return layers, _layer_sums(layers, ggn), ggn.num_samples
 
 
-def _layer_sums(
-    model: nn.Module, layers: dict[str, LayerHelper], ggn: GGNOperator, data: Data,
-    chunk_size: int,
-) -> dict[str, tuple[Tensor, Tensor, int]]:
-    """Per layer ``(R_A, R_G, T)`` with ``R_AᵀR_A = Σ āāᵀ`` and ``R_GᵀR_G = Σ ggᵀ``, ``g`` the
-    rows of ``B_n`` pulled back to the layer output."""
+def _layer_pullbacks(ggn: GGNOperator, layers: dict[str, LayerHelper]) -> Iterator[
+    tuple[int, dict[str, Tensor], dict[str, Tensor], Iterator[dict[str, Tensor]]]
+]:
+    """One forward per chunk of ``ggn.data``; yields ``(m, inputs, outputs, pullbacks)``: the
+    layers' inputs and outputs, and for each row ``r`` of the output factor ``B_n`` the
+    gradients ``∂(Σ_n (B_n f_n)_r) / ∂s`` at every layer output ``s``. Consume ``pullbacks``
+    before advancing (the chunk's graph is freed after the last row)."""
     store: dict[str, tuple[Tensor, Tensor]] = {}
 
     def hook(name: str):
@@ -212,31 +213,45 @@ def _layer_sums(
             return output.clone()  # later in-place ops act on a copy
         return fn
 
+    def rows(B: Tensor, out: Tensor, names: list[str]) -> Iterator[dict[str, Tensor]]:
+        outs = [store[n][1] for n in names]
+        for r in range(B.shape[1]):
+            with torch.enable_grad():
+                grads = torch.autograd.grad((B[:, r, :] * out).sum(), outs,
+                                            retain_graph=r < B.shape[1] - 1, allow_unused=True)
+            yield {n: g for n, g in zip(names, grads) if g is not None}
+
     handles = [h.module.register_forward_hook(hook(n)) for n, h in layers.items()]
-    sums: dict[str, list] = {}
     try:
-        for i, (x, y) in enumerate(iter_chunks(data, chunk_size)):
+        for i, (x, y) in enumerate(iter_chunks(ggn.data, ggn.chunk_size)):
             x = x.to(device=ggn.device, dtype=ggn.dtype).requires_grad_(True)
             with torch.enable_grad():
-                out = model(x).flatten(1)
+                out = ggn.model(x).flatten(1)
                 B = ggn.output_factor(out.detach(), y, i)  # (m, R, C)
-                names = list(store)
-                outs = [store[n][1] for n in names]
-                for n in names:
-                    helper = layers[n]
-                    s = sums.setdefault(n, [_Gram(), _Gram(), helper.locations(store[n][1])])
-                    s[0].add(helper.input_rows(store[n][0]))
-                for r in range(B.shape[1]):
-                    grads = torch.autograd.grad((B[:, r, :] * out).sum(), outs,
-                                                retain_graph=r < B.shape[1] - 1,
-                                                allow_unused=True)
-                    for n, g in zip(names, grads):
-                        if g is not None:
-                            sums[n][1].add(layers[n].output_grad_rows(g))
+            names = [n for n in store if store[n][1].requires_grad]
+            inputs = {n: store[n][0] for n in names}
+            outputs = {n: store[n][1] for n in names}
+            yield out.shape[0], inputs, outputs, rows(B, out, names)
             store.clear()
     finally:
         for h in handles:
             h.remove()
+
+
+def _layer_sums(
+    layers: dict[str, LayerHelper], ggn: GGNOperator
+) -> dict[str, tuple[Tensor, Tensor, int]]:
+    """Per layer ``(R_A, R_G, T)`` with ``R_AᵀR_A = Σ āāᵀ`` and ``R_GᵀR_G = Σ ggᵀ``, ``g`` the
+    rows of ``B_n`` pulled back to the layer output."""
+    sums: dict[str, list] = {}
+    for _, inputs, outputs, pullbacks in _layer_pullbacks(ggn, layers):
+        for n, a in inputs.items():
+            helper = layers[n]
+            s = sums.setdefault(n, [_Gram(), _Gram(), helper.locations(outputs[n])])
+            s[0].add(helper.input_rows(a))
+        for grads in pullbacks:
+            for n, g in grads.items():
+                sums[n][1].add(layers[n].output_grad_rows(g))
     return {n: (s[0].root(), s[1].root(), s[2]) for n, s in sums.items()
             if s[1].rows or s[1].gram is not None}
 
@@ -248,41 +263,14 @@ def layer_traces(ggn: GGNOperator, layers: dict[str, LayerHelper],
     parameters): the per-sample gradient of a layer is ``Σ_t g_t ā_tᵀ`` with the helpers' rows,
     whose squared norm is ``‖g‖² ‖ā‖²`` when ``T = 1``. Needs an eval-mode model whose samples do
     not interact (checked by the operator)."""
-    model = ggn.model
-    store: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def hook(name: str):
-        def fn(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            store[name] = (inputs[0].detach(), output)
-            return output.clone()
-        return fn
-
-    handles = [h.module.register_forward_hook(hook(n)) for n, h in layers.items()]
     sums = {n: torch.zeros((), dtype=torch.float64) for n in layers}
-    try:
-        for i, (x, y) in enumerate(iter_chunks(ggn.data, ggn.chunk_size)):
-            x = x.to(device=ggn.device, dtype=ggn.dtype)
-            with torch.enable_grad():
-                out = model(x).flatten(1)
-                B = ggn.output_factor(out.detach(), y, i)
-                m = out.shape[0]
-                names = [n for n in store if store[n][1].requires_grad]
-                A = {n: layers[n].input_rows(store[n][0]).reshape(m, -1, layers[n].in_dim)
-                     for n in names}
-                for r in range(B.shape[1]):
-                    grads = torch.autograd.grad((B[:, r, :] * out).sum(),
-                                                [store[n][1] for n in names],
-                                                retain_graph=r < B.shape[1] - 1,
-                                                allow_unused=True)
-                    for n, g in zip(names, grads):
-                        if g is None:
-                            continue
-                        G = layers[n].output_grad_rows(g).reshape(m, -1, layers[n].out_dim)
-                        sums[n] += _per_sample_sq_norms(G, A[n], memory_elements)
-            store.clear()
-    finally:
-        for h in handles:
-            h.remove()
+    for m, inputs, _, pullbacks in _layer_pullbacks(ggn, layers):
+        A = {n: layers[n].input_rows(a).reshape(m, -1, layers[n].in_dim)
+             for n, a in inputs.items()}
+        for grads in pullbacks:
+            for n, g in grads.items():
+                G = layers[n].output_grad_rows(g).reshape(m, -1, layers[n].out_dim)
+                sums[n] += _per_sample_sq_norms(G, A[n], memory_elements)
     return {n: float(v) / ggn.num_samples for n, v in sums.items()}
 
 
