@@ -95,6 +95,9 @@ def test_mode_choice():
     assert choose_mode("auto", dense, 50) == "gather"
     assert choose_mode("reduce", proj, 500) == "gather"  # row-based strategies need rows
     assert not supports_moment(proj) and not supports_moment(make_factor("recursive", 10))
+    with pytest.raises(TypeError, match="projected"):
+        update_factor(proj, torch.eye(100), 1.0, 0.9, moment=True)
+    assert proj.updates == 0
 
 
 def test_single_process_kfac_unchanged_by_default():

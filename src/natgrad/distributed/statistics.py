@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..capture import Statistics
-from ..factors import DenseFactor, KroneckerFactor
+from ..factors import KroneckerFactor
 from ..layers import LayerHelper
 from .env import collective, wait_all
 
@@ -50,39 +50,17 @@ class GlobalStatistics(Statistics):
 
 def supports_moment(factor: KroneckerFactor) -> bool:
     """The factor can be updated from a dense moment ``XᵀX`` instead of rows."""
-    if callable(getattr(factor, "update_moment", None)):
-        return True
-    return isinstance(factor, DenseFactor) and type(factor)._update is DenseFactor._update
+    return factor.supports_moment
 
 
 def update_factor(
     factor: KroneckerFactor, data: Tensor, scale: float, decay: float, moment: bool
 ) -> None:
-    """``factor.update`` from rows, or the same EMA from a dense moment ``S = XᵀX``.
-
-    The moment path reproduces :meth:`KroneckerFactor.update` for dense factors:
-    ``F ← scale·S`` on the first update, ``F ← ρ F + (1−ρ)·scale·S`` afterwards. A strategy may
-    provide ``update_moment(S, scale, decay)`` itself; otherwise the :class:`DenseFactor` storage
-    ``F`` is updated directly.
-    """
-    if not moment:
-        factor.update(data, scale, decay)
-        return
-    own = getattr(factor, "update_moment", None)
-    if callable(own):
-        own(data, scale, decay)
-        return
-    if not supports_moment(factor):
-        raise TypeError(f"the {factor.name!r} strategy cannot be updated from a dense moment")
-    S = data.to(device=factor.device, dtype=factor.dtype)
-    if S.shape != (factor.dim, factor.dim):
-        raise ValueError(f"moment must be ({factor.dim}, {factor.dim}), got {tuple(S.shape)}")
-    assert isinstance(factor, DenseFactor)
-    if factor.updates == 0:
-        factor.F = S * scale
+    """``factor.update`` from rows, or :meth:`KroneckerFactor.update_moment` from ``S = XᵀX``."""
+    if moment:
+        factor.update_moment(data, scale, decay)
     else:
-        factor.F = torch.add(factor.F * decay, S, alpha=(1.0 - decay) * scale)
-    factor.updates += 1
+        factor.update(data, scale, decay)
 
 
 def _triu_pack(S: Tensor) -> Tensor:

@@ -80,12 +80,34 @@ class KroneckerFactor(ABC):
         """
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise ValueError(f"rows must have shape (n, {self.dim}), got {tuple(rows.shape)}")
-        rows = rows.to(device=self.device, dtype=self.dtype)
+        self._ema(self._update, rows.to(device=self.device, dtype=self.dtype), scale, decay)
+
+    #: whether :meth:`update_moment` is available (the strategy stores the dense ``F``)
+    supports_moment: ClassVar[bool] = False
+
+    def update_moment(self, moment: Tensor, scale: float, decay: float) -> None:
+        """The same EMA update from a dense second moment ``S = Xᵀ X`` (``d × d``) instead of rows
+        (e.g. statistics all-reduced across ranks). Only for :attr:`supports_moment` strategies."""
+        if not self.supports_moment:
+            raise TypeError(f"the {self.name!r} strategy cannot be updated from a dense moment")
+        if moment.shape != (self.dim, self.dim):
+            raise ValueError(
+                f"moment must have shape ({self.dim}, {self.dim}), got {tuple(moment.shape)}"
+            )
+        S = moment.to(device=self.device, dtype=self.dtype)
+        self._ema(self._update_moment, S, scale, decay)
+
+    def _ema(self, apply, stats: Tensor, scale: float, decay: float) -> None:
+        """``apply(stats, new_weight, keep)`` with the first-update rule, then count it."""
         if self.updates == 0:
-            self._update(rows, new_weight=scale, keep=0.0)
+            apply(stats, new_weight=scale, keep=0.0)
         else:
-            self._update(rows, new_weight=(1.0 - decay) * scale, keep=decay)
+            apply(stats, new_weight=(1.0 - decay) * scale, keep=decay)
         self.updates += 1
+
+    def _update_moment(self, S: Tensor, new_weight: float, keep: float) -> None:
+        """``F ← keep · F + new_weight · S`` (strategies with :attr:`supports_moment`)."""
+        raise NotImplementedError
 
     @abstractmethod
     def _update(self, rows: Tensor, new_weight: float, keep: float) -> None:
@@ -191,6 +213,8 @@ class KroneckerFactor(ABC):
 class DenseFactor(KroneckerFactor):
     """Shared storage for strategies that keep the dense ``(d, d)`` EMA ``F``."""
 
+    supports_moment = True
+
     def __init__(self, dim: int, **options: Any) -> None:
         super().__init__(dim, **options)
         self.F = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
@@ -198,6 +222,9 @@ class DenseFactor(KroneckerFactor):
     def _update(self, rows: Tensor, new_weight: float, keep: float) -> None:
         # F ← keep·F + w·XᵀX, symmetric by construction
         self.F = torch.addmm(self.F, rows.T, rows, beta=keep, alpha=new_weight)
+
+    def _update_moment(self, S: Tensor, new_weight: float, keep: float) -> None:
+        self.F = torch.add(self.F * keep, S, alpha=new_weight)
 
     def trace(self) -> float:
         return float(self.F.diagonal().sum())

@@ -58,6 +58,8 @@ class RecursiveFactor(DenseFactor):
         dtype, device: as :class:`~natgrad.factors.base.KroneckerFactor`.
     """
 
+    supports_moment = False  # every update must also update ``P`` (Woodbury needs the rows)
+
     name = "recursive"
     state_keys = ("F", "P", "target_damping", "stale")
 
