@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +57,11 @@ class _Buffer:
     locations: int = 1
 
 
+def _concat(rows: list[Tensor]) -> Tensor:
+    """The rows of several forward/backward passes stacked (no copy for a single pass)."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
 class CurvatureCapture:
     """Hooks on ``layers`` (name → helper) of ``model`` that collect :class:`Statistics`."""
 
@@ -74,15 +80,31 @@ class CurvatureCapture:
         self.likelihood = likelihood
         self.fisher = fisher
         self.generator = generator
-        self.active = False
         self._buffers: dict[str, _Buffer] = {name: _Buffer() for name in layers}
         self._pending: dict[str, Tensor] = {}
-        self._handles = [
-            helper.module.register_forward_hook(self._layer_hook(name, helper))
-            for name, helper in layers.items()
-        ]
-        if fisher in ("mc", "exact"):
-            self._handles.append(model.register_forward_hook(self._model_hook))
+        self._handles: list[Any] = []
+        self._active = False
+        self._removed = False
+
+    @property
+    def active(self) -> bool:
+        """Whether the next forward passes are captured. The hooks are attached only while
+        active, so steps without a curvature update run the model exactly as without K-FAC."""
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        value = bool(value)
+        if value and not self._handles and not self._removed:
+            self._handles = [
+                helper.module.register_forward_hook(self._layer_hook(name, helper))
+                for name, helper in self.layers.items()
+            ]
+            if self.fisher in ("mc", "exact"):
+                self._handles.append(self.model.register_forward_hook(self._model_hook))
+        elif not value and self._handles:
+            self._detach()
+        self._active = value
 
     # ------------------------------------------------------------------ hooks
     def _layer_hook(self, name: str, helper: LayerHelper) -> Callable:
@@ -148,9 +170,9 @@ class CurvatureCapture:
             if buf.a and buf.g and buf.samples > 0:
                 helper = self.layers[name]
                 out[name] = Statistics(
-                    a=torch.cat(buf.a),
+                    a=_concat(buf.a),
                     a_scale=helper.input_scale(buf.samples),
-                    g=torch.cat(buf.g),
+                    g=_concat(buf.g),
                     g_scale=helper.output_grad_scale(buf.samples, buf.locations),
                     samples=buf.samples,
                 )
@@ -162,8 +184,13 @@ class CurvatureCapture:
             self._buffers[name] = _Buffer()
         self._pending.clear()
 
-    def remove(self) -> None:
-        """Detach every hook from the model."""
+    def _detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def remove(self) -> None:
+        """Detach every hook from the model for good."""
+        self._detach()
+        self._active = False
+        self._removed = True

@@ -76,8 +76,8 @@ def test_long_run_gapped_spectrum_matches_dense_ema():
     Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=f64))
     ev = torch.cat([torch.linspace(10, 3, r, dtype=f64), 0.1 * torch.rand(d - r, dtype=f64)])
     C = Q * ev.sqrt()
-    f = ProjectedFactor(d, rank=r)  # float32; default k = 2r = n: the rows enter unsketched
-    g = ProjectedFactor(d, rank=r, sketch_size=r)  # sketched to k = 8 < n
+    f = ProjectedFactor(d, rank=r, sketch_size=n)  # float32; k = n: the rows enter unsketched
+    g = ProjectedFactor(d, rank=r)  # default k = r/2 = 4 < n: sketched
     F = torch.zeros(d, d, dtype=f64)
     for i in range(1000):
         x = torch.randn(n, d, dtype=f64) @ C.T
@@ -160,3 +160,79 @@ def test_conv_sized_row_counts_are_sketched_and_subsampled(sketch):
     assert f.trace() == pytest.approx(float(F.trace()), rel=1e-12)
     P = basis.T @ torch.linalg.solve(basis @ basis.T, basis)  # projector onto the data subspace
     torch.testing.assert_close(f.U @ f.U.T, P, rtol=0, atol=1e-8)
+
+
+def _state(f: ProjectedFactor) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in f.state_dict().items()}
+
+
+def _assert_same_state(f: ProjectedFactor, before: dict) -> None:
+    for key, value in f.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, before[key]), key
+        else:
+            assert value == before[key], key
+
+
+def test_failed_or_nonfinite_update_keeps_previous_state(monkeypatch):
+    """The projected strategy decomposes inside its update: a failed ``eigh`` or non-finite rows
+    leave the state (and the number of updates) untouched, with a warning."""
+    import natgrad.factors.projected as projected
+
+    gen = torch.Generator().manual_seed(7)
+    f = ProjectedFactor(30, rank=4, dtype=f64)
+    for _ in range(3):
+        f.update(torch.randn(6, 30, generator=gen, dtype=f64), 1 / 6, 0.9)
+    before = _state(f)
+    bad = torch.randn(6, 30, generator=gen, dtype=f64)
+    bad[2, 5] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        f.update(bad, 1 / 6, 0.9)
+    bad[2, 5] = float("inf")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        f.update(bad, 1 / 6, 0.9)
+
+    def boom(M):
+        raise torch.linalg.LinAlgError("eigh did not converge")
+
+    monkeypatch.setattr(projected, "small_eigh", boom)
+    with pytest.warns(RuntimeWarning, match="eigh failed"):
+        f.update(torch.randn(6, 30, generator=gen, dtype=f64), 1 / 6, 0.9)
+    _assert_same_state(f, before)  # the skipped updates are not counted either
+
+
+@pytest.mark.parametrize("dtype, tol", [(f64, 1e-10), (torch.float32, 2e-4)])
+def test_batched_update_equals_one_by_one(dtype, tol, monkeypatch):
+    """``update_factors`` stacks steady-state projected factors of different widths into one
+    batched refresh; the result equals updating them one by one (same sketches), and factors
+    outside the steady state (rank not yet filled, other row counts) take the plain path."""
+    from natgrad.factors import update_factors
+
+    gen = torch.Generator().manual_seed(8)
+    dims, r, n = (40, 57, 33), 6, 20
+
+    def make():
+        return [ProjectedFactor(d, rank=r, seed=i, dtype=dtype) for i, d in enumerate(dims)]
+
+    batched, single = make(), make()
+    taken = []
+    group_update = ProjectedFactor._update_group
+
+    def spy(group, decay):
+        taken.append(group_update(group, decay))
+        return taken[-1]
+
+    monkeypatch.setattr(ProjectedFactor, "_update_group", staticmethod(spy))
+    for step in range(12):
+        rows = [torch.randn(n if step % 5 else n + 3, d, generator=gen, dtype=f64).to(dtype)
+                for d in dims]
+        update_factors([(f, x, 1 / n) for f, x in zip(batched, rows)], 0.9)
+        for f, x in zip(single, rows):
+            f.update(x, 1 / n, 0.9)
+        for fb, fs in zip(batched, single):
+            assert fb.updates == fs.updates and fb.current_rank == fs.current_rank
+            assert fb.tr == pytest.approx(fs.tr, rel=1e-12 if dtype == f64 else 1e-6)
+            torch.testing.assert_close(fb.lam, fs.lam, rtol=tol, atol=tol)
+            torch.testing.assert_close(fb.U @ fb.U.T, fs.U @ fs.U.T, rtol=tol, atol=tol)
+            assert fb.sigma == pytest.approx(fs.sigma, rel=tol, abs=tol)
+    assert taken and all(taken)  # the batched path ran (once the ranks were filled)

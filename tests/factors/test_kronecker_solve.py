@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from natgrad.factors import kronecker_matvec, precondition
+from natgrad.factors import kronecker_matvec, precondition, solve
 
 
 class _Spectral:
@@ -41,3 +41,21 @@ def test_low_rank_solve_equals_dense_damped_inverse(ra, rg):
     # and the forward product is its inverse
     back = kronecker_matvec(expected, A, G) + lam * expected
     torch.testing.assert_close(back, V, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ra, rg", [(3, 2), (7, 2), (3, 5), (7, 5)])
+def test_factored_direction_on_column_blocks(ra, rg):
+    """``solve`` on ``[∇W, ∇b]`` blocks: its dense form, its in-place application and ``⟨V, D⟩``
+    agree with the dense solve of the concatenated matrix."""
+    gen = torch.Generator().manual_seed(ra * 10 + rg + 1)
+    A, G = _Spectral(7, ra, gen), _Spectral(5, rg, gen)
+    V = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    blocks = [V[:, :6].contiguous(), V[:, 6:].contiguous()]
+    expected = precondition(V, A, G, 0.1)
+    D = solve(blocks, A, G, 0.1)
+    torch.testing.assert_close(D.dense(), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(D.inner, (V * expected).sum(), rtol=1e-10, atol=1e-12)
+    W = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    targets = [W[:, :6].clone(), W[:, 6:].clone()]
+    D.add_to_(targets, -0.5)
+    torch.testing.assert_close(torch.cat(targets, 1), W - 0.5 * expected, rtol=1e-10, atol=1e-12)

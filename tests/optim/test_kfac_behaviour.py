@@ -213,3 +213,21 @@ def test_curvature_every_only_collects_on_curvature_steps():
     opt = KFAC(model, curvature_every=3, inverse_every=3)
     _train(model, opt, _batches(7))
     assert all(A.updates == 3 for A, _ in opt.factors.values())  # steps 0, 3, 6
+
+
+def test_hooks_are_attached_only_for_curvature_steps():
+    """Between curvature steps the model runs without any natgrad hook."""
+    model = _mlp()
+    hooked = [m for m in model.modules() if isinstance(m, nn.Linear)] + [model]
+    opt = KFAC(model, curvature_every=3, inverse_every=3)
+    counts = []
+    for x, y in _batches(4):
+        counts.append(sum(len(m._forward_hooks) for m in hooked))
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert counts[0] == len(hooked) and counts[1] == counts[2] == 0 and counts[3] == len(hooked)
+    opt._capture.remove()
+    opt._capture.active = True  # removed for good: nothing is re-attached
+    assert sum(len(m._forward_hooks) for m in hooked) == 0

@@ -26,7 +26,7 @@ def _int_attr(factor: Any, names: tuple[str, ...], default: int) -> int:
 
 def _projected(dim: int, factor: Any) -> float:
     r = min(_int_attr(factor, ("rank_cap", "rank"), 64), dim)
-    k = _int_attr(factor, ("sketch_size",), 2 * r)
+    k = _int_attr(factor, ("sketch_size",), max(1, r // 2))
     return float(dim) * (r + k) ** 2  # Rayleigh–Ritz on orth([U, X]), linear in d
 
 

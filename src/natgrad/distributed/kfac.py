@@ -38,8 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..factors import FactorRefreshError, KroneckerFactor
-from ..factors import precondition as kron_precondition
+from ..factors import Direction, FactorRefreshError, KroneckerFactor, solve, update_factors
 from ..factors import refresh_pair as _refresh_pair
 from .assignment import assign_lpt, factor_cost
 from .env import collective, is_initialized, wait_all
@@ -80,6 +79,14 @@ class SingleProcess:
         A.update(st.a, st.a_scale, decay)
         G.update(st.g, st.g_scale, decay)
 
+    def update_all(self, items: list[tuple[str, KroneckerFactor, KroneckerFactor, Statistics]],
+                   decay: float) -> None:
+        """:meth:`update` for several layers at once (strategies may batch the work)."""
+        update_factors(
+            [u for _, A, G, st in items for u in ((A, st.a, st.a_scale), (G, st.g, st.g_scale))],
+            decay,
+        )
+
     def refresh_pair(self, name: str, A: KroneckerFactor, G: KroneckerFactor,
                      damping: float) -> None:
         _refresh_pair(A, G, damping)
@@ -87,9 +94,9 @@ class SingleProcess:
     def synchronize(self) -> list[tuple[str, FactorRefreshError]]:
         return []
 
-    def precondition(self, name: str, V: Tensor, A: KroneckerFactor, G: KroneckerFactor,
-                     damping: float) -> Tensor:
-        return kron_precondition(V, A, G, damping)
+    def precondition(self, name: str, blocks: list[Tensor], A: KroneckerFactor,
+                     G: KroneckerFactor, damping: float, norm2: Tensor | None = None) -> Direction:
+        return solve(blocks, A, G, damping, norm2)
 
     def after_load(self, kfac: KFAC) -> None:
         """Nothing to do."""
@@ -178,6 +185,11 @@ class DistributedKFAC(SingleProcess):
         assert self._kfac is not None, "setup() was not called"
         return reduce_statistics(stats, self._kfac.layers, self._kfac.factors,
                                  mode=self.statistics, group=self.group)
+
+    def update_all(self, items: list[tuple[str, KroneckerFactor, KroneckerFactor, Statistics]],
+                   decay: float) -> None:
+        for name, A, G, st in items:
+            self.update(name, A, G, st, decay)
 
     def update(self, name: str, A: KroneckerFactor, G: KroneckerFactor, st: Statistics,
                decay: float) -> None:
@@ -355,19 +367,20 @@ class DistributedKFAC(SingleProcess):
                 factor.load_state_dict(sd)
 
     # ------------------------------------------------------------------ preconditioning
-    def precondition(self, name: str, V: Tensor, A: KroneckerFactor, G: KroneckerFactor,
-                     damping: float) -> Tensor:
+    def precondition(self, name: str, blocks: list[Tensor], A: KroneckerFactor,
+                     G: KroneckerFactor, damping: float, norm2: Tensor | None = None) -> Direction:
         """Local solve (``"inverse"``), or the owner's solve broadcast to all (``"gradient"``)."""
         if self.broadcast == "inverse":
-            return kron_precondition(V, A, G, damping)
+            return solve(blocks, A, G, damping, norm2)
         owner = self.owner[name]
         if owner == self.rank:
-            D = kron_precondition(V, A, G, damping).contiguous()
+            D = solve(blocks, A, G, damping).dense().contiguous()
         else:
-            D = torch.empty_like(V, memory_format=torch.contiguous_format)
+            width = sum(b.shape[1] for b in blocks)
+            D = blocks[0].new_empty(blocks[0].shape[0], width)
         with collective(f"broadcast (preconditioned gradient of {name!r})", self.group):
             dist.broadcast(D, src=_global_rank(owner, self.group), group=self.group)
-        return D
+        return Direction.from_dense(blocks, D)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import DenseFactor, FactorRefreshError, KroneckerFactor
+from .base import DenseFactor, FactorRefreshError, KroneckerFactor, update_factors
 from .cholesky import CholeskyFactor
 from .eigh import EighFactor
-from .kronecker import kronecker_matvec, precondition, refresh_pair, split_damping
+from .kronecker import (
+    Direction,
+    kronecker_matvec,
+    precondition,
+    refresh_pair,
+    solve,
+    split_damping,
+)
 from .projected import ProjectedFactor
 from .recursive import RecursiveFactor
 
@@ -42,7 +49,10 @@ __all__ = [
     "RecursiveFactor",
     "ProjectedFactor",
     "make_factor",
+    "update_factors",
     "precondition",
+    "solve",
+    "Direction",
     "refresh_pair",
     "split_damping",
     "kronecker_matvec",

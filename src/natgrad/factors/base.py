@@ -82,6 +82,15 @@ class KroneckerFactor(ABC):
             raise ValueError(f"rows must have shape (n, {self.dim}), got {tuple(rows.shape)}")
         self._ema(self._update, rows.to(device=self.device, dtype=self.dtype), scale, decay)
 
+    @classmethod
+    def update_batch(
+        cls, items: list[tuple[KroneckerFactor, Tensor, float]], decay: float
+    ) -> None:
+        """:meth:`update` for several factors of this strategy, ``items = [(factor, rows,
+        scale), ...]``; a strategy may override it to do the work in batched tensor ops."""
+        for factor, rows, scale in items:
+            factor.update(rows, scale, decay)
+
     #: whether :meth:`update_moment` is available (the strategy stores the dense ``F``)
     supports_moment: ClassVar[bool] = False
 
@@ -98,20 +107,23 @@ class KroneckerFactor(ABC):
         self._ema(self._update_moment, S, scale, decay)
 
     def _ema(self, apply, stats: Tensor, scale: float, decay: float) -> None:
-        """``apply(stats, new_weight, keep)`` with the first-update rule, then count it."""
+        """``apply(stats, new_weight, keep)`` with the first-update rule, then count it (unless
+        ``apply`` returns ``False``: an update the strategy skipped, state untouched)."""
         if self.updates == 0:
-            apply(stats, new_weight=scale, keep=0.0)
+            done = apply(stats, new_weight=scale, keep=0.0)
         else:
-            apply(stats, new_weight=(1.0 - decay) * scale, keep=decay)
-        self.updates += 1
+            done = apply(stats, new_weight=(1.0 - decay) * scale, keep=decay)
+        if done is not False:
+            self.updates += 1
 
     def _update_moment(self, S: Tensor, new_weight: float, keep: float) -> None:
         """``F ← keep · F + new_weight · S`` (strategies with :attr:`supports_moment`)."""
         raise NotImplementedError
 
     @abstractmethod
-    def _update(self, rows: Tensor, new_weight: float, keep: float) -> None:
-        """``F ← keep · F + new_weight · rowsᵀ rows`` (``keep = 0``: replace)."""
+    def _update(self, rows: Tensor, new_weight: float, keep: float) -> bool | None:
+        """``F ← keep · F + new_weight · rowsᵀ rows`` (``keep = 0``: replace); ``False`` if the
+        strategy skipped the update and left its state untouched."""
 
     @abstractmethod
     def trace(self) -> float:
@@ -208,6 +220,18 @@ class KroneckerFactor(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, updates={self.updates})"
+
+
+def update_factors(items: list[tuple[KroneckerFactor, Tensor, float]], decay: float) -> None:
+    """Apply several factor updates, grouped by strategy (see :meth:`KroneckerFactor.update_batch`).
+
+    The result is that of calling :meth:`KroneckerFactor.update` on each item in turn, up to
+    floating-point rounding."""
+    groups: dict[type, list[tuple[KroneckerFactor, Tensor, float]]] = {}
+    for item in items:
+        groups.setdefault(type(item[0]), []).append(item)
+    for cls, group in groups.items():
+        cls.update_batch(group, decay)
 
 
 class DenseFactor(KroneckerFactor):

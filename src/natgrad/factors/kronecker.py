@@ -7,7 +7,9 @@ For a gradient matrix ``V`` of shape ``(d_G, d_A)`` (``vec`` column-stacking, so
   ``(A ⊗ G + λ I)⁻¹ vec(V)``, using ``F ≈ U diag(μ) Uᵀ + σ (I − U Uᵀ)`` for each factor. With
   full-rank eigenbases this is ``Q_G [(Q_Gᵀ V Q_A) / (μ_G μ_Aᵀ + λ)] Q_Aᵀ``; with rank-``r`` bases
   the three extra blocks (one or both directions in the orthogonal complement) divide
-  ``μ_G σ_A + λ``, ``σ_G μ_Aᵀ + λ`` and ``σ_G σ_A + λ``. Cost ``O(d_G d_A r)``.
+  ``μ_G σ_A + λ``, ``σ_G μ_Aᵀ + λ`` and ``σ_G σ_A + λ``. Cost ``O(d_G d_A r)``;
+  :func:`solve` returns the result factored (:class:`Direction`) so that the optimizer adds it to
+  the weights without a dense temporary.
 * otherwise it applies the π-split ``(G + δ_G I)⁻¹ V (A + δ_A I)⁻¹`` with the per-factor dampings of
   :func:`split_damping`, set on the factors by :func:`refresh_pair`.
 """
@@ -15,6 +17,8 @@ For a gradient matrix ``V`` of shape ``(d_G, d_A)`` (``vec`` column-stacking, so
 from __future__ import annotations
 
 import math
+import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -37,51 +41,178 @@ def refresh_pair(A: KroneckerFactor, G: KroneckerFactor, damping: float) -> None
     G.refresh(dg)
 
 
-def _spectral_solve(V: Tensor, A: KroneckerFactor, G: KroneckerFactor, damping: float) -> Tensor:
-    """Exact ``(A ⊗ G + λ I)⁻¹`` on ``V`` for ``F = U diag(μ) Uᵀ + σ (I − U Uᵀ)`` factors.
+@dataclass
+class Direction:
+    """A layer's preconditioned gradient ``D = c · B + L R``, kept factored.
+
+    ``B`` is given by its column blocks (those of ``[∇W | ∇b]``, see
+    :meth:`natgrad.layers.LayerHelper.matrix_blocks`); ``L`` is ``(d_G, q)`` and ``R`` is
+    ``(q, d_A)`` (both ``None`` for a plain dense direction). :meth:`add_to_` applies ``D`` to the
+    parameters without forming it, and :attr:`inner` is ``⟨V, D⟩`` for the gradient ``V`` that was
+    solved (the KL-clip needs it), a 0-dim tensor so that no device sync happens here.
+    """
+
+    blocks: list[Tensor]
+    c: float
+    L: Tensor | None
+    R: Tensor | None
+    inner: Tensor
+
+    @classmethod
+    def from_dense(cls, V_blocks: list[Tensor], D: Tensor) -> Direction:
+        """Wrap a dense ``(d_G, d_A)`` direction solved for the gradient blocks ``V_blocks``."""
+        D_blocks = list(D.split([b.shape[1] for b in V_blocks], dim=1))
+        inner = sum(_dot(v, d) for v, d in zip(V_blocks, D_blocks))
+        return cls(D_blocks, 1.0, None, None, inner)
+
+    def _R_blocks(self) -> list[Tensor | None]:
+        if self.R is None:
+            return [None] * len(self.blocks)
+        return list(self.R.split([b.shape[1] for b in self.blocks], dim=1))
+
+    def column_blocks(self) -> list[Tensor]:
+        """``D`` as dense column blocks, shaped like :attr:`blocks`."""
+        if self.L is None:
+            return [b if self.c == 1.0 else self.c * b for b in self.blocks]
+        return [
+            torch.addmm(b, self.L, R, beta=self.c) for b, R in zip(self.blocks, self._R_blocks())
+        ]
+
+    def dense(self) -> Tensor:
+        """``D`` as one ``(d_G, d_A)`` matrix."""
+        cols = self.column_blocks()
+        return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+
+    def add_to_(self, targets: list[Tensor], alpha: float) -> None:
+        """``targets += alpha · D`` in place, block by block (``O(d_G d_A q)``, no ``D`` formed).
+
+        Args:
+            targets: tensors shaped like :attr:`blocks` (e.g. views of the layer's parameters).
+        """
+        for t, b, R in zip(targets, self.blocks, self._R_blocks()):
+            if self.c != 0.0:
+                t.add_(b, alpha=alpha * self.c)
+            if R is not None:
+                t.addmm_(self.L, R, alpha=alpha)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+    return (a * b).sum()
+
+
+def _spectral_solve(
+    blocks: list[Tensor],
+    A: KroneckerFactor,
+    G: KroneckerFactor,
+    damping: float,
+    norm2: Tensor | None = None,
+) -> Direction:
+    """Exact ``(A ⊗ G + λ I)⁻¹`` on ``V = [blocks]`` for ``F = U diag(μ) Uᵀ + σ (I − U Uᵀ)``.
 
     With ``X = U_Gᵀ V``, ``Y = V U_A``, ``Z = U_Gᵀ V U_A`` and ``c = 1/(σ_G σ_A + λ)`` the four
-    blocks collapse to ``c V + U_G M₁ + M₂ U_Aᵀ + U_G M₃ U_Aᵀ``: four ``O(d_G d_A r)`` products.
+    blocks collapse to ``c V + U_G M₁ + M₂ U_Aᵀ + U_G M₃ U_Aᵀ = c V + [U_G, M₂] [R₁; U_Aᵀ]`` with
+    ``R₁ = M₁ + M₃ U_Aᵀ``: two ``O(d_G d_A r)`` projections here and one rank-``(r_G + r_A)``
+    product when the direction is applied. ``⟨V, D⟩ = c ‖V‖² + ⟨X, R₁⟩ + ⟨Y, M₂⟩``.
     """
     Ua, mu_a, sig_a = A.eigen()
     Ug, mu_g, sig_g = G.eigen()
     full_a, full_g = Ua.shape[1] == A.dim, Ug.shape[1] == G.dim
-    inv_core = 1.0 / (mu_g[:, None] * mu_a[None, :] + damping)  # (r_G, r_A)
-    if full_a and full_g:
-        return Ug @ (((Ug.T @ V) @ Ua) * inv_core) @ Ua.T
-    if full_g:  # A low rank: U_G [D₂ X + (C∘Z − D₂ Z) U_Aᵀ], D₂ = 1/(μ_G σ_A + λ)
-        X = Ug.T @ V
-        Z = X @ Ua
-        d2 = 1.0 / (mu_g[:, None] * sig_a + damping)
-        return Ug @ (d2 * X + (Z * inv_core - d2 * Z) @ Ua.T)
-    if full_a:  # G low rank: [Y D₃ + U_G (C∘Z − Z D₃)] U_Aᵀ, D₃ = 1/(σ_G μ_A + λ)
-        Y = V @ Ua
-        Z = Ug.T @ Y
-        d3 = 1.0 / (sig_g * mu_a[None, :] + damping)
-        return (Y * d3 + Ug @ (Z * inv_core - Z * d3)) @ Ua.T
+    if full_a or full_g:
+        inv_core = 1.0 / (mu_g[:, None] * mu_a[None, :] + damping)  # (r_G, r_A)
+        V = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+        if full_a and full_g:
+            D = Ug @ (((Ug.T @ V) @ Ua) * inv_core) @ Ua.T
+        elif full_g:  # A low rank: U_G [D₂ X + (C∘Z − D₂ Z) U_Aᵀ], D₂ = 1/(μ_G σ_A + λ)
+            X = Ug.T @ V
+            Z = X @ Ua
+            d2 = 1.0 / (mu_g[:, None] * sig_a + damping)
+            D = Ug @ (d2 * X + (Z * inv_core - d2 * Z) @ Ua.T)
+        else:  # G low rank: [Y D₃ + U_G (C∘Z − Z D₃)] U_Aᵀ, D₃ = 1/(σ_G μ_A + λ)
+            Y = V @ Ua
+            Z = Ug.T @ Y
+            d3 = 1.0 / (sig_g * mu_a[None, :] + damping)
+            D = (Y * d3 + Ug @ (Z * inv_core - Z * d3)) @ Ua.T
+        return Direction.from_dense(blocks, D)
+    k = _pair_constants(A, G, damping)
+    Ua_blocks = Ua.split([b.shape[1] for b in blocks], dim=0)
+    X = torch.cat([Ug.T @ b for b in blocks], dim=1)  # (r_G, d_A)
+    Y = blocks[0] @ Ua_blocks[0]  # (d_G, r_A)
+    for b, u in zip(blocks[1:], Ua_blocks[1:]):
+        Y = torch.addmm(Y, b, u)
+    M2 = Y * k.e3  # (d_G, r_A)
+    R1 = torch.addmm(k.e2 * X, (X @ Ua) * k.K, k.UaT)  # M₁ + M₃ U_Aᵀ, (r_G, d_A)
+    if norm2 is None:
+        norm2 = sum(_dot(b, b) for b in blocks)
+    inner = k.c * norm2 + _dot(X, R1) + _dot(Y, M2)
+    return Direction(blocks, k.c, torch.cat([Ug, M2], dim=1), torch.cat([R1, k.UaT], dim=0), inner)
+
+
+@dataclass
+class _PairConstants:
+    """What the factored solve needs besides ``V``; it changes only when a factor or λ does.
+
+    ``c = 1/(σ_G σ_A + λ)``, ``e₂ = D₂ − c`` (``(r_G, 1)``), ``e₃ = D₃ − c`` (``(1, r_A)``) and
+    ``K = C − D₂ − D₃ + c`` (``(r_G, r_A)``), so ``M₂ = Y ∘ e₃``, ``M₁ = e₂ ∘ X``, ``M₃ = Z ∘ K``.
+    """
+
+    key: tuple
+    c: float
+    e2: Tensor
+    e3: Tensor
+    K: Tensor
+    UaT: Tensor
+
+
+#: the last constants per ``A`` factor (weakly keyed: dropped with the factor)
+_CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _pair_constants(A: KroneckerFactor, G: KroneckerFactor, damping: float) -> _PairConstants:
+    Ua, mu_a, sig_a = A.eigen()
+    Ug, mu_g, sig_g = G.eigen()
+    # the cached entry holds these tensors, so identity checks cannot be fooled by reused ids
+    key = (G, Ua, mu_a, Ug, mu_g, float(sig_a), float(sig_g), float(damping))
+    hit = _CONSTANTS.get(A)
+    if hit is not None and len(hit.key) == len(key) and all(
+        x is y or (isinstance(x, float) and x == y) for x, y in zip(hit.key, key)
+    ):
+        return hit
     c = 1.0 / (sig_g * sig_a + damping)
-    X = Ug.T @ V  # (r_G, d_A)
-    Y = V @ Ua  # (d_G, r_A)
-    Z = X @ Ua  # (r_G, r_A)
     d2 = 1.0 / (mu_g[:, None] * sig_a + damping)  # (r_G, 1)
     d3 = 1.0 / (sig_g * mu_a[None, :] + damping)  # (1, r_A)
-    M1 = (d2 - c) * X
-    M2 = Y * (d3 - c)
-    M3 = Z * inv_core - d2 * Z - Z * d3 + c * Z
-    # c V + U_G (M₁ + M₃ U_Aᵀ) + M₂ U_Aᵀ as one (d_G × (r_G + r_A)) @ ((r_G + r_A) × d_A) product
-    left = torch.cat([Ug, M2], dim=1)
-    right = torch.cat([torch.addmm(M1, M3, Ua.T), Ua.T], dim=0)
-    return torch.addmm(V, left, right, beta=c)
+    inv_core = 1.0 / (mu_g[:, None] * mu_a[None, :] + damping)  # (r_G, r_A)
+    const = _PairConstants(key, c, d2 - c, d3 - c, inv_core - d2 - d3 + c, Ua.T.contiguous())
+    _CONSTANTS[A] = const
+    return const
+
+
+def solve(
+    blocks: list[Tensor],
+    A: KroneckerFactor,
+    G: KroneckerFactor,
+    damping: float,
+    norm2: Tensor | None = None,
+) -> Direction:
+    """The natural-gradient direction ``(A ⊗ G + λ I)⁻¹ vec(V)`` for ``V = [blocks]``.
+
+    Exact damping for spectral pairs (factored when both are low rank), π-split damping otherwise
+    (see the module docstring).
+
+    Args:
+        blocks: column blocks of the ``(d_G, d_A)`` gradient matrix (e.g. ``[∇W, ∇b]``).
+        norm2: ``‖V‖²`` if already known (saves one pass over ``V``).
+    """
+    if A.spectral and G.spectral:
+        return _spectral_solve(blocks, A, G, damping, norm2)
+    V = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+    return Direction.from_dense(blocks, A.inv_matmul(G.inv_matmul(V).T).T)
 
 
 def precondition(V: Tensor, A: KroneckerFactor, G: KroneckerFactor, damping: float) -> Tensor:
-    """The natural-gradient direction ``(A ⊗ G + λ I)⁻¹ vec(V)`` as a ``(d_G, d_A)`` matrix.
-
-    Exact damping for spectral pairs, π-split damping otherwise (see the module docstring).
-    """
-    if A.spectral and G.spectral:
-        return _spectral_solve(V, A, G, damping)
-    return A.inv_matmul(G.inv_matmul(V).T).T
+    """:func:`solve` for a ``(d_G, d_A)`` matrix ``V``, returned as a dense matrix."""
+    return solve([V], A, G, damping).dense()
 
 
 def kronecker_matvec(V: Tensor, A: KroneckerFactor, G: KroneckerFactor) -> Tensor:

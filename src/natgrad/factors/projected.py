@@ -10,8 +10,9 @@ Recursive refresh (Rayleigh–Ritz on an augmented basis, Brand-style). Given th
 
 1. sketch the new directions: ``Y = Xᵀ Ω`` with a Gaussian ``Ω`` (``(n, k)``), or ``k`` random rows
    of ``X`` (``sketch="rows"``); when ``n ≤ k`` the rows themselves are used (no sketch);
-2. ``Z = [U, Q]`` with ``Q`` an orthonormal basis of ``(I − U Uᵀ) Y`` (Gram/eigh orthogonalisation
-   done twice; numerically dependent directions are dropped), so ``Z`` is ``(d, r + k')``;
+2. ``Z = [U, Q]`` with ``Q`` an orthonormal basis of ``(I − U Uᵀ) Y`` (Gram–Schmidt and Cholesky
+   QR, each done twice; a Gram eigendecomposition drops numerically dependent directions when the
+   block is close to rank deficient), so ``Z`` is ``(d, r + k')``;
 3. the compressed matrix is exact for ``F_new`` restricted to ``span Z``:
    ``M = Zᵀ F_new Z = keep · blockdiag(diag(λ), σ I) + w · (X Z)ᵀ (X Z)``;
 4. ``M = V diag(μ) Vᵀ`` (a small float64 ``eigh``); the new ``U = Z V[:, :r]``, ``λ = μ[:r]``,
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import KroneckerFactor, _finite
+from .base import KroneckerFactor
 from .eigh import EighFactor
 
 SKETCHES = ("gaussian", "rows")
@@ -67,8 +68,13 @@ def small_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
 def _orth_complement(Y: Tensor, U: Tensor, tol: float) -> Tensor:
     """Orthonormal basis of ``(I − U Uᵀ) Y`` with dependent directions dropped.
 
+    Fast path: Gram–Schmidt against ``U`` and a Cholesky QR of the remaining block, both done twice
+    ("twice is enough"; ``O(d k (r + k))`` and a ``k × k`` Cholesky). When the block is close to
+    rank deficient (a squared Cholesky pivot at or below ``tol · ‖Y‖_F²``) the Gram matrix is
+    eigendecomposed instead and the dependent directions are dropped.
+
     Args:
-        Y: ``(d, k)`` candidate directions.
+        Y: ``(d, k)`` candidate directions (finite).
         U: ``(d, r)`` orthonormal basis (``r`` may be 0).
         tol: squared singular values below ``tol · ‖Y‖_F²`` count as zero.
 
@@ -76,12 +82,30 @@ def _orth_complement(Y: Tensor, U: Tensor, tol: float) -> Tensor:
         ``(d, k')`` with ``k' ≤ k`` orthonormal columns orthogonal to ``U``.
     """
     ref = float((Y * Y).sum())
-    if ref == 0.0 or not math.isfinite(ref):
+    if ref == 0.0:
         return Y[:, :0]
+    Q = _project_out(Y, U)
+    L, info = torch.linalg.cholesky_ex((Q.T @ Q).double())
+    if int(info) == 0 and float(L.diagonal().min()) ** 2 > tol * ref:
+        for i in range(2):  # the second pass starts from nearly orthonormal columns
+            Q = torch.linalg.solve_triangular(L.to(Q.dtype), Q.T, upper=False).T
+            if i == 0:
+                Q = _project_out(Q, U)
+                L, info = torch.linalg.cholesky_ex((Q.T @ Q).double())
+        if int(info) == 0:
+            return Q
+    return _eigh_orth(Y, U, tol, ref)
+
+
+def _project_out(Q: Tensor, U: Tensor) -> Tensor:
+    return torch.addmm(Q, U, U.T @ Q, alpha=-1.0) if U.shape[1] else Q
+
+
+def _eigh_orth(Y: Tensor, U: Tensor, tol: float, ref: float) -> Tensor:
+    """The robust path of :func:`_orth_complement` (Gram eigendecomposition, twice)."""
     Q = Y
-    for _ in range(2):  # "twice is enough" (Gram–Schmidt against U, then Gram/eigh)
-        if U.shape[1]:
-            Q = Q - U @ (U.T @ Q)
+    for _ in range(2):
+        Q = _project_out(Q, U)
         gram = (Q.T @ Q).double()
         s, W = small_eigh(gram)
         keep = s > tol * ref
@@ -102,8 +126,8 @@ class ProjectedFactor(KroneckerFactor):
         energy: keep the smallest rank whose eigenvalues explain this fraction of the trace
             (``(0, 1]``), at most ``max_rank``; chosen per layer at every update.
         max_rank: cap of the rank in ``energy`` mode (default: ``rank``).
-        sketch_size: ``k``, new directions per update (default: twice the rank cap); rows beyond
-            ``k`` are sketched.
+        sketch_size: ``k``, new directions per update (default: half the rank cap, or ``d`` at
+            full rank; more while the rank is not yet filled); rows beyond ``k`` are sketched.
         sketch: ``"gaussian"`` (``Xᵀ Ω``) or ``"rows"`` (``k`` random rows of ``X``).
         max_rows: subsample this many rows (e.g. spatial locations of a conv layer) for the
             Rayleigh–Ritz projection, reweighted to stay unbiased; the trace always uses all rows.
@@ -132,7 +156,9 @@ class ProjectedFactor(KroneckerFactor):
         super().__init__(dim, **options)
         self.rank, self.energy, self.max_rank = opts["rank"], opts["energy"], opts["max_rank"]
         self.rank_cap = min(self.max_rank if self.energy is not None else self.rank, self.dim)
-        self.sketch_size = opts["sketch_size"] or 2 * self.rank_cap
+        # full rank keeps every row (exact); otherwise half the rank cap of new directions
+        full = self.rank_cap >= self.dim
+        self.sketch_size = opts["sketch_size"] or (self.dim if full else max(1, self.rank_cap // 2))
         self.sketch = sketch
         self.max_rows = max_rows
         self.seed = seed
@@ -187,9 +213,13 @@ class ProjectedFactor(KroneckerFactor):
         gen.manual_seed(self.seed * 1_000_003 + self.updates)
         return gen
 
-    def _update(self, rows: Tensor, new_weight: float, keep: float) -> None:
+    def _update(self, rows: Tensor, new_weight: float, keep: float) -> bool:
         n = rows.shape[0]
-        new_tr = keep * self.tr + new_weight * float(rows.double().pow(2).sum())
+        flat = rows.reshape(-1)
+        new_tr = keep * self.tr + new_weight * float(flat @ flat)
+        if not math.isfinite(new_tr):  # non-finite rows (everything below is finite otherwise)
+            self._skip("non-finite statistics")
+            return False
         gen = None
         if self.max_rows is not None and n > self.max_rows:  # unbiased row subsample
             gen = self._generator()
@@ -197,7 +227,7 @@ class ProjectedFactor(KroneckerFactor):
             new_weight = new_weight * n / self.max_rows
             rows, n = rows[idx], self.max_rows
         U = self.U if keep > 0 else self.U[:, :0]
-        k = self.sketch_size
+        k = max(self.sketch_size, self.rank_cap - U.shape[1])  # enough to fill the rank
         if n <= k:
             Y = rows.T
         else:
@@ -210,28 +240,135 @@ class ProjectedFactor(KroneckerFactor):
         Q = _orth_complement(Y, U, self._tol)
         Z = torch.cat([U, Q], dim=1)  # (d, r + k')
         B = rows @ Z  # (n, r + k')
-        M = new_weight * (B.T @ B).double()
+        M = (B.T @ B).double().mul_(new_weight)  # eigh reads the lower triangle only
         if keep > 0:
-            diag = torch.cat([self.lam.double(), M.new_full((Q.shape[1],), self.sigma)])
-            M = M + torch.diag(keep * diag)
-        M = 0.5 * (M + M.T)
-        mu, V = small_eigh(M)
+            diag = M.diagonal()
+            diag[: U.shape[1]].add_(self.lam.double(), alpha=keep)
+            diag[U.shape[1]:].add_(keep * self.sigma)
+        try:
+            mu, V = small_eigh(M)
+        except RuntimeError as err:  # LinAlgError: keep the previous state
+            self._skip(f"eigh failed ({err})")
+            return False
         mu, V = mu.flip(0).clamp_min(0.0), V.flip(1)
         r = self._choose_rank(mu, new_tr)
-        U_new = Z @ V[:, :r].to(self.dtype)
         lam = mu[:r]
-        if not (_finite(U_new) and _finite(lam) and math.isfinite(new_tr)):
-            warnings.warn(
-                f"projected factor (d={self.dim}): non-finite subspace update skipped",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return
-        self.U = self._polish(U_new)
+        self.U = Z @ V[:, :r].to(self.dtype)
+        if self.updates % 8 == 7:  # rounding drift is slow: check orthonormality now and then
+            self.U = self._polish(self.U)
         self.lam = lam.to(self.dtype)
         self.tr = new_tr
         rest = self.dim - r
         self.sigma = max(0.0, (new_tr - float(lam.sum())) / rest) if rest > 0 else 0.0
+        return True
+
+    def _skip(self, why: str) -> None:
+        warnings.warn(
+            f"projected factor (d={self.dim}): {why}; subspace update skipped",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    # ------------------------------------------------------------------ batched statistics
+    @classmethod
+    def update_batch(
+        cls, items: list[tuple[KroneckerFactor, Tensor, float]], decay: float
+    ) -> None:
+        """:meth:`update` for several factors with one set of batched tensor ops.
+
+        Factors in the steady state — rank filled, fixed rank, Gaussian sketch with ``n > k``,
+        no row subsampling — and with equal ``(n, r, k)``, dtype and device are stacked,
+        zero-padded to the widest ``d`` (zero rows keep ``U`` orthonormal and do not change any
+        product), and refreshed together; this removes the per-factor overhead of the many small
+        operations. Every other factor, or a group whose fast orthonormalisation meets a nearly
+        dependent sketch, takes :meth:`update` one by one. The sketches come from the same
+        per-factor generators, so both paths give the same result up to rounding.
+        """
+        groups: dict[tuple, list[tuple[ProjectedFactor, Tensor, float]]] = {}
+        rest: list[tuple[KroneckerFactor, Tensor, float]] = []
+        for f, rows, scale in items:
+            key = f._batch_key(rows) if isinstance(f, ProjectedFactor) else None
+            if key is None:
+                rest.append((f, rows, scale))
+            else:
+                groups.setdefault(key, []).append((f, rows, scale))
+        for group in groups.values():
+            if len(group) < 2 or not cls._update_group(group, decay):
+                rest.extend(group)
+        for f, rows, scale in rest:
+            f.update(rows, scale, decay)
+
+    def _batch_key(self, rows: Tensor) -> tuple | None:
+        """Grouping key for :meth:`update_batch`, or ``None`` when this update is not batchable."""
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            return None  # update() raises the error
+        n = rows.shape[0]
+        steady = (self.updates > 0 and self.energy is None and self.sketch == "gaussian"
+                  and self.current_rank == self.rank_cap and n > self.sketch_size
+                  and (self.max_rows is None or n <= self.max_rows))
+        return (n, self.rank_cap, self.sketch_size, self.dtype, self.device) if steady else None
+
+    @staticmethod
+    def _update_group(group: list[tuple[ProjectedFactor, Tensor, float]], decay: float) -> bool:
+        """The batched refresh of :meth:`update_batch`; ``False`` (nothing changed) to fall back."""
+        fs = [f for f, _, _ in group]
+        f0 = fs[0]
+        dtype, device, r, k = f0.dtype, f0.device, f0.rank_cap, f0.sketch_size
+        rows = [x.to(device=device, dtype=dtype) for _, x, _ in group]
+        n, b = rows[0].shape[0], len(fs)
+        dims = [f.dim for f in fs]
+        weights = [(1.0 - decay) * scale for _, _, scale in group]
+        batch_tr = torch.stack([torch.dot(x.reshape(-1), x.reshape(-1)) for x in rows]).tolist()
+        new_tr = [decay * f.tr + w * t for f, w, t in zip(fs, weights, batch_tr)]
+        if not all(math.isfinite(t) for t in new_tr):
+            return False  # update() warns and skips the offending factor
+        X = rows[0].new_zeros(b, n, max(dims))
+        U = rows[0].new_zeros(b, max(dims), r)
+        for i, (f, x) in enumerate(zip(fs, rows)):
+            X[i, :, : f.dim] = x
+            U[i, : f.dim] = f.U
+        omega = torch.stack([
+            torch.randn(n, k, generator=f._generator(), device=device, dtype=dtype) for f in fs
+        ])
+        Y = torch.bmm(X.transpose(1, 2), omega)  # (b, d, k)
+        ref = (Y * Y).sum((1, 2)).double()
+        Q = torch.baddbmm(Y, U, torch.bmm(U.transpose(1, 2), Y), alpha=-1.0)
+        L, info = torch.linalg.cholesky_ex(torch.bmm(Q.transpose(1, 2), Q).double())
+        pivots = L.diagonal(dim1=1, dim2=2).amin(1)
+        if not bool(((info == 0) & (pivots.square() > f0._tol * ref)).all()):
+            return False
+        for i in range(2):  # Cholesky QR, twice (as _orth_complement)
+            Q = torch.linalg.solve_triangular(L.to(dtype), Q.transpose(1, 2), upper=False)
+            Q = Q.transpose(1, 2)
+            if i == 0:
+                Q = torch.baddbmm(Q, U, torch.bmm(U.transpose(1, 2), Q), alpha=-1.0)
+                L, info = torch.linalg.cholesky_ex(torch.bmm(Q.transpose(1, 2), Q).double())
+                if not bool((info == 0).all()):
+                    return False
+        Z = torch.cat([U, Q], dim=2)  # (b, d, r + k)
+        B = torch.bmm(X, Z)  # (b, n, r + k)
+        M = torch.bmm(B.transpose(1, 2), B).double()
+        M.mul_(torch.tensor(weights, dtype=M.dtype, device=device).view(b, 1, 1))
+        diag = M.diagonal(dim1=1, dim2=2)
+        diag[:, :r].add_(torch.stack([f.lam for f in fs]).double(), alpha=decay)
+        sig = torch.tensor([f.sigma for f in fs], dtype=M.dtype, device=device)
+        diag[:, r:].add_(decay * sig.view(b, 1))
+        try:
+            mu, V = small_eigh(M)
+        except RuntimeError:
+            return False
+        mu = mu.flip(-1)[:, :r].clamp_min(0.0)
+        U_new = torch.bmm(Z, V.flip(-1)[:, :, :r].to(dtype))  # (b, d, r)
+        lam_sum = mu.sum(1).tolist()
+        for i, f in enumerate(fs):
+            Ui = U_new[i, : f.dim].clone()
+            f.U = f._polish(Ui) if f.updates % 8 == 7 else Ui
+            f.lam = mu[i].to(dtype)
+            f.tr = new_tr[i]
+            rest = f.dim - r
+            f.sigma = max(0.0, (new_tr[i] - lam_sum[i]) / rest) if rest > 0 else 0.0
+            f.updates += 1
+        return True
 
     def _choose_rank(self, mu: Tensor, tr: float) -> int:
         r = min(self.rank_cap, mu.numel())
@@ -257,9 +394,14 @@ class ProjectedFactor(KroneckerFactor):
         return float(self.tr)
 
     # ------------------------------------------------------------------ inverse
+    def refresh(self, damping: float) -> None:
+        """Nothing to decompose: the representation is its own inverse (and finite, since
+        :meth:`_update` only accepts finite states); only the damping is recorded."""
+        self.damping = float(damping)
+        self.refreshed = True
+
     def _compute_inverse(self, damping: float, dtype: torch.dtype) -> dict[str, Any]:
-        # nothing to decompose: the representation is its own inverse; only check finiteness
-        return {"U": self.U, "lam": self.lam}
+        return {}
 
     def eigen(self) -> tuple[Tensor, Tensor, float]:
         return self.U, self.lam, float(self.sigma)

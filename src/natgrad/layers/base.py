@@ -92,6 +92,16 @@ class LayerHelper(ABC):
         return 1.0 / (num_samples * locations)
 
     # ---------------------------------------------------------------- gradients
+    def matrix_blocks(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Tensors shaped like :attr:`params` as the column blocks of the ``(d_G, d_A)`` matrix
+        ``[W | b]``: ``[(d_G, d_A − 1), (d_G, 1)]`` (or ``[(d_G, d_A)]`` without bias).
+
+        Contiguous inputs give views (writing into a block writes into the tensor)."""
+        blocks = [tensors[0].reshape(self.out_dim, -1)]
+        if self.has_bias:
+            blocks.append(tensors[1].reshape(-1, 1))
+        return blocks
+
     def grad_matrix(self, grads: list[Tensor] | None = None) -> Tensor:
         """The gradient as a ``(d_G, d_A)`` matrix ``[∇W | ∇b]``.
 
@@ -100,10 +110,8 @@ class LayerHelper(ABC):
         """
         if grads is None:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        w = grads[0].reshape(self.out_dim, -1)
-        if self.has_bias:
-            return torch.cat([w, grads[1].reshape(-1, 1)], dim=1)
-        return w
+        blocks = self.matrix_blocks(grads)
+        return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
 
     def split_matrix(self, mat: Tensor) -> list[Tensor]:
         """Inverse of :meth:`grad_matrix`: a ``(d_G, d_A)`` matrix as tensors shaped like params."""

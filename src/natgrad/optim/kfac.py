@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..capture import FISHER_TYPES, CurvatureCapture
 from ..distributed.kfac import resolve as resolve_distributed
-from ..factors import STRATEGIES, FactorRefreshError, KroneckerFactor, make_factor
+from ..factors import STRATEGIES, Direction, FactorRefreshError, KroneckerFactor, make_factor
 from ..layers import LayerHelper, helper_for
 from ..likelihoods import ALIASES, LIKELIHOODS, get_likelihood
 from . import hyper
@@ -39,16 +39,33 @@ logger = logging.getLogger("natgrad")
 _GROUP_KEYS = ("lr", "momentum", "weight_decay", "damping")
 
 
+def squared_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """``‖t‖²`` per tensor as 0-dim tensors (no sync); float32 or wider accumulation."""
+    out = []
+    for t in tensors:
+        if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
+            flat = t.reshape(-1)
+            out.append(torch.dot(flat, flat))
+        else:
+            out.append(t.float().square().sum())
+    return out
+
+
+def finite_total(values: list[Tensor]) -> bool:
+    """Whether the sum of 0-dim ``values`` is finite (one sync)."""
+    if not values:
+        return True
+    if len({v.dtype for v in values}) > 1:
+        values = [v.double() for v in values]
+    return bool(torch.isfinite(torch.stack(values).sum()))
+
+
 def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every entry of ``tensors`` is finite: one reduction per tensor, one sync.
 
-    A sum is non-finite iff an entry is (or the sum overflows, which only makes the check
+    A sum of squares is non-finite iff an entry is (or it overflows, which only makes the check
     conservative)."""
-    if not tensors:
-        return True
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    total = torch.stack([t.sum(dtype=acc) for t in tensors]).sum()
-    return bool(torch.isfinite(total))
+    return finite_total(squared_norms(tensors))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -258,8 +275,9 @@ class KFAC(torch.optim.Optimizer):
         stats = self._capture.collect()
         stats = self.distributed.reduce_statistics(stats, self.precondition and hp["curvature"])
 
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not all_finite(grads):
+        with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms = squared_norms([p.grad for p in with_grad])  # reused by the natural-gradient solve
+        if not finite_total(norms):
             self.skipped_steps += 1
             warnings.warn(
                 f"natgrad.KFAC: non-finite gradient at step {k}; step skipped, curvature untouched "
@@ -288,7 +306,8 @@ class KFAC(torch.optim.Optimizer):
                 directions[id(p)] = d
 
         if self.precondition:
-            self._precondition(directions, scales, hp, layer_group)
+            grad_norms = {id(p): n for p, n in zip(with_grad, norms)}
+            self._precondition(directions, scales, hp, layer_group, grad_norms)
 
         for g, ghp in zip(self.param_groups, hp["groups"]):
             mu, lr = ghp["momentum"], ghp["lr"]
@@ -316,6 +335,7 @@ class KFAC(torch.optim.Optimizer):
         self, stats: dict, hp: dict[str, Any], k: int, layer_group: dict[str, int]
     ) -> None:
         if hp["curvature"] and stats:
+            items = []
             for name, st in stats.items():
                 if not all_finite([st.a, st.g]):
                     self.skipped_curvature_updates += 1
@@ -323,8 +343,8 @@ class KFAC(torch.optim.Optimizer):
                                   f"step {k}; its factors are left untouched", RuntimeWarning,
                                   stacklevel=3)
                     continue
-                A, G = self.factors[name]
-                self.distributed.update(name, A, G, st, hp["factor_decay"])
+                items.append((name, *self.factors[name], st))
+            self.distributed.update_all(items, hp["factor_decay"])
         for name, (A, G) in self.factors.items():
             if A.updates == 0 or G.updates == 0:
                 continue
@@ -350,10 +370,15 @@ class KFAC(torch.optim.Optimizer):
         scales: dict[int, float],
         hp: dict[str, Any],
         layer_group: dict[str, int],
+        grad_norms: dict[int, Tensor],
     ) -> None:
-        """Replace the layers' directions by natural-gradient directions; their KL-clip factor
-        goes to ``scales``."""
-        new: dict[str, tuple[Tensor, Tensor]] = {}
+        """Natural-gradient directions for the layers with a curvature, scaled by the KL-clip.
+
+        Where the update is a plain step (no momentum) the factored direction is added to the
+        parameters right here and their entries leave ``directions``; otherwise the dense
+        direction replaces the entry and its KL-clip factor goes to ``scales``.
+        """
+        new: dict[str, Direction] = {}
         for name, helper in self.layers.items():
             A, G = self.factors[name]
             if not (A.refreshed and G.refreshed):
@@ -361,23 +386,32 @@ class KFAC(torch.optim.Optimizer):
             ds = [directions.get(id(p)) for p in helper.params]
             if any(d is None for d in ds):
                 continue
-            V = helper.grad_matrix(ds)
+            blocks = [b.to(A.dtype) for b in helper.matrix_blocks(ds)]
             damping = hp["groups"][layer_group[name]]["damping"]
-            Vc = V.to(A.dtype)
-            new[name] = (Vc, self.distributed.precondition(name, Vc, A, G, damping))
+            norm2 = None  # ‖V‖², known when the direction is the gradient itself
+            if all(d is p.grad and d.dtype == A.dtype for d, p in zip(ds, helper.params)):
+                norm2 = sum(grad_norms[id(p)] for p in helper.params)
+            new[name] = self.distributed.precondition(name, blocks, A, G, damping, norm2)
         if not new:
             return
         scale = 1.0
         if hp["kl_clip"] is not None:
-            vg = sum(
-                hp["groups"][layer_group[n]]["lr"] ** 2 * float(V.reshape(-1) @ D.reshape(-1))
-                for n, (V, D) in new.items()
-            )
+            vg = float(sum(hp["groups"][layer_group[n]]["lr"] ** 2 * D.inner
+                           for n, D in new.items()))
             if vg > 0:
                 scale = min(1.0, (hp["kl_clip"] / vg) ** 0.5)
-        for name, (_, D) in new.items():
+        for name, D in new.items():
             helper = self.layers[name]
-            for p, d in zip(helper.params, helper.split_matrix(D)):
+            ghp = hp["groups"][layer_group[name]]
+            params = helper.params
+            if ghp["momentum"] == 0 and all(
+                p.is_contiguous() and p.dtype == D.blocks[0].dtype for p in params
+            ):
+                D.add_to_(helper.matrix_blocks([p.data for p in params]), -ghp["lr"] * scale)
+                for p in params:
+                    del directions[id(p)]
+                continue
+            for p, d in zip(params, helper.split_matrix(D.dense())):
                 directions[id(p)] = d.to(p.dtype)
                 scales[id(p)] = scale
 
