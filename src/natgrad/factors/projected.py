@@ -322,15 +322,13 @@ class ProjectedFactor(KroneckerFactor):
         new_tr = [decay * f.tr + w * t for f, w, t in zip(fs, weights, batch_tr)]
         if not all(math.isfinite(t) for t in new_tr):
             return False  # update() warns and skips the offending factor
-        X = rows[0].new_zeros(b, n, max(dims))
+        # products with the rows are done per factor, straight into zero-padded batch buffers
         U = rows[0].new_zeros(b, max(dims), r)
+        Y = rows[0].new_zeros(b, max(dims), k)
         for i, (f, x) in enumerate(zip(fs, rows)):
-            X[i, :, : f.dim] = x
             U[i, : f.dim] = f.U
-        omega = torch.stack([
-            torch.randn(n, k, generator=f._generator(), device=device, dtype=dtype) for f in fs
-        ])
-        Y = torch.bmm(X.transpose(1, 2), omega)  # (b, d, k)
+            omega = torch.randn(n, k, generator=f._generator(), device=device, dtype=dtype)
+            torch.mm(x.T, omega, out=Y[i, : f.dim])  # (d, k)
         ref = (Y * Y).sum((1, 2)).double()
         Q = torch.baddbmm(Y, U, torch.bmm(U.transpose(1, 2), Y), alpha=-1.0)
         L, info = torch.linalg.cholesky_ex(torch.bmm(Q.transpose(1, 2), Q).double())
@@ -346,7 +344,9 @@ class ProjectedFactor(KroneckerFactor):
                 if not bool((info == 0).all()):
                     return False
         Z = torch.cat([U, Q], dim=2)  # (b, d, r + k)
-        B = torch.bmm(X, Z)  # (b, n, r + k)
+        B = Z.new_empty(b, n, r + k)
+        for i, (f, x) in enumerate(zip(fs, rows)):
+            torch.mm(x, Z[i, : f.dim], out=B[i])  # (n, r + k)
         M = torch.bmm(B.transpose(1, 2), B).double()
         M.mul_(torch.tensor(weights, dtype=M.dtype, device=device).view(b, 1, 1))
         diag = M.diagonal(dim1=1, dim2=2)
