@@ -176,3 +176,49 @@ def test_gradient_accumulation_equals_full_batch_statistics():
             torch.testing.assert_close(f0.to_dense(), f1.to_dense(), rtol=1e-10, atol=1e-12)
     for p0, p1 in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p0, p1, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize(
+    "model_fn, x_shape",
+    [
+        (lambda: nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 5)), (9, 12)),
+        (lambda: nn.Sequential(nn.Conv2d(2, 6, 3, padding=1, bias=False), nn.Flatten(),
+                               nn.Linear(6 * 4 * 4, 5)), (4, 2, 4, 4)),
+    ],
+)
+def test_factored_low_rank_update_equals_dense_solve_with_kl_clip(model_fn, x_shape,
+                                                                  weight_decay):
+    """Projected factors of rank < d on both sides take the factored path (the direction is added
+    to the weight and bias in place); the parameter change must still be ``η ν (A ⊗ G + λ I)⁻¹
+    vec(∇ + wd·W)`` with the KL-clip factor ``ν`` of the dense direction."""
+    torch.manual_seed(6)
+    model = model_fn()
+    x, y = torch.randn(*x_shape), torch.randint(0, 5, (x_shape[0],))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr, damping, kappa = 0.7, 0.2, 1e-3
+    opt = KFAC(model, lr=lr, damping=damping, kl_clip=kappa, weight_decay=weight_decay,
+               factors="projected", factor_options={"rank": 3})
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    pnames = {id(p): n for n, p in model.named_parameters()}
+    directions, vg = {}, 0.0
+    for name, helper in opt.layers.items():
+        A, G = opt.factors[name]
+        assert A.current_rank == G.current_rank == 3 < min(A.dim, G.dim)  # both low rank
+        names = [pnames[id(p)] for p in helper.params]
+        V = helper.grad_matrix([grads[n] + weight_decay * before[n] for n in names])
+        K = kron_dense(A.to_dense(), G.to_dense()) + damping * torch.eye(A.dim * G.dim)
+        D = unvec(torch.linalg.solve(K, vec(V)), V.shape[0])
+        directions[name] = (names, D)
+        vg += lr**2 * float((V * D).sum())
+    nu = min(1.0, (kappa / vg) ** 0.5)
+    assert nu < 1.0  # the clip is active, so the scale is tested too
+    params = dict(model.named_parameters())
+    for name, (names, D) in directions.items():
+        helper = opt.layers[name]
+        delta = helper.grad_matrix([before[n] - params[n].detach() for n in names])
+        torch.testing.assert_close(delta, lr * nu * D, rtol=1e-8, atol=1e-11)
