@@ -109,58 +109,58 @@ def _spectral_solve(
     damping: float,
     norm2: Tensor | None = None,
 ) -> Direction:
-    """Exact ``(A ⊗ G + λ I)⁻¹`` on ``V = [blocks]`` for ``F = U diag(μ) Uᵀ + σ (I − U Uᵀ)``.
+    """Exact ``(A ⊗ G + λ I)⁻¹`` on ``V = [blocks]`` for ``F = U diag(μ) Uᵀ + σ (I − U Uᵀ)``,
+    returned factored.
 
-    With ``X = U_Gᵀ V``, ``Y = V U_A``, ``Z = U_Gᵀ V U_A`` and ``c = 1/(σ_G σ_A + λ)`` the four
-    blocks collapse to ``c V + U_G M₁ + M₂ U_Aᵀ + U_G M₃ U_Aᵀ = c V + [U_G, M₂] [R₁; U_Aᵀ]`` with
-    ``R₁ = M₁ + M₃ U_Aᵀ``: two ``O(d_G d_A r)`` projections here and one rank-``(r_G + r_A)``
-    product when the direction is applied. ``⟨V, D⟩ = c ‖V‖² + ⟨X, R₁⟩ + ⟨Y, M₂⟩``.
+    With ``X = U_Gᵀ V``, ``Y = V U_A``, ``Z = U_Gᵀ V U_A``, ``C = 1/(μ_G μ_Aᵀ + λ)``,
+    ``D₂ = 1/(μ_G σ_A + λ)``, ``D₃ = 1/(σ_G μ_Aᵀ + λ)`` and ``c = 1/(σ_G σ_A + λ)``:
+
+    * both low rank: the four blocks collapse to ``c V + U_G M₁ + M₂ U_Aᵀ + U_G M₃ U_Aᵀ =
+      c V + [U_G, M₂] [R₁; U_Aᵀ]`` with ``M₁ = (D₂ − c) X``, ``M₂ = Y (D₃ − c)``,
+      ``M₃ = Z ∘ (C − D₂ − D₃ + c)`` and ``R₁ = M₁ + M₃ U_Aᵀ``; ``⟨V, D⟩ = c ‖V‖² + ⟨X, R₁⟩ +
+      ⟨Y, M₂⟩``. Two ``O(d_G d_A r)`` projections here, one rank-``(r_G + r_A)`` product when
+      the direction is applied;
+    * ``G`` full (``U_G`` square): ``U_G [D₂ X + (Z ∘ (C − D₂)) U_Aᵀ]``, ``⟨V, D⟩ = ⟨X, ·⟩``;
+    * ``A`` full: ``[Y D₃ + U_G (Z ∘ (C − D₃))] U_Aᵀ`` (``U_G Z ∘ C`` when both are full),
+      ``⟨V, D⟩ = ⟨Y, ·⟩``.
     """
-    Ua, mu_a, sig_a = A.eigen()
-    Ug, mu_g, sig_g = G.eigen()
+    Ua, _, _ = A.eigen()
+    Ug, _, _ = G.eigen()
     full_a, full_g = Ua.shape[1] == A.dim, Ug.shape[1] == G.dim
-    if full_a or full_g:
-        inv_core = 1.0 / (mu_g[:, None] * mu_a[None, :] + damping)  # (r_G, r_A)
-        V = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
-        if full_a and full_g:
-            D = Ug @ (((Ug.T @ V) @ Ua) * inv_core) @ Ua.T
-        elif full_g:  # A low rank: U_G [D₂ X + (C∘Z − D₂ Z) U_Aᵀ], D₂ = 1/(μ_G σ_A + λ)
-            X = Ug.T @ V
-            Z = X @ Ua
-            d2 = 1.0 / (mu_g[:, None] * sig_a + damping)
-            D = Ug @ (d2 * X + (Z * inv_core - d2 * Z) @ Ua.T)
-        else:  # G low rank: [Y D₃ + U_G (C∘Z − Z D₃)] U_Aᵀ, D₃ = 1/(σ_G μ_A + λ)
-            Y = V @ Ua
-            Z = Ug.T @ Y
-            d3 = 1.0 / (sig_g * mu_a[None, :] + damping)
-            D = (Y * d3 + Ug @ (Z * inv_core - Z * d3)) @ Ua.T
-        return Direction.from_dense(blocks, D)
     k = _pair_constants(A, G, damping)
+    if full_g and not full_a:
+        X = torch.cat([Ug.T @ b for b in blocks], dim=1)  # (d_G, d_A)
+        R = torch.addmm(k.d2 * X, (X @ Ua) * (k.C - k.d2), k.UaT)
+        return Direction(blocks, 0.0, Ug, R, _dot(X, R))
     Ua_blocks = Ua.split([b.shape[1] for b in blocks], dim=0)
-    X = torch.cat([Ug.T @ b for b in blocks], dim=1)  # (r_G, d_A)
     Y = blocks[0] @ Ua_blocks[0]  # (d_G, r_A)
     for b, u in zip(blocks[1:], Ua_blocks[1:]):
         Y = torch.addmm(Y, b, u)
-    M2 = Y * k.e3  # (d_G, r_A)
-    R1 = torch.addmm(k.e2 * X, (X @ Ua) * k.K, k.UaT)  # M₁ + M₃ U_Aᵀ, (r_G, d_A)
+    if full_a:
+        Z = Ug.T @ Y
+        L = Ug @ (Z * k.C) if full_g else torch.addmm(Y * k.d3, Ug, Z * (k.C - k.d3))
+        return Direction(blocks, 0.0, L, k.UaT, _dot(Y, L))
+    X = torch.cat([Ug.T @ b for b in blocks], dim=1)  # (r_G, d_A)
+    c = k.c
+    M2 = Y * (k.d3 - c)  # (d_G, r_A)
+    R1 = torch.addmm((k.d2 - c) * X, (X @ Ua) * k.K, k.UaT)  # M₁ + M₃ U_Aᵀ, (r_G, d_A)
     if norm2 is None:
         norm2 = sum(_dot(b, b) for b in blocks)
-    inner = k.c * norm2 + _dot(X, R1) + _dot(Y, M2)
-    return Direction(blocks, k.c, torch.cat([Ug, M2], dim=1), torch.cat([R1, k.UaT], dim=0), inner)
+    inner = c * norm2 + _dot(X, R1) + _dot(Y, M2)
+    return Direction(blocks, c, torch.cat([Ug, M2], dim=1), torch.cat([R1, k.UaT], dim=0), inner)
 
 
 @dataclass
 class _PairConstants:
-    """What the factored solve needs besides ``V``; it changes only when a factor or λ does.
-
-    ``c = 1/(σ_G σ_A + λ)``, ``e₂ = D₂ − c`` (``(r_G, 1)``), ``e₃ = D₃ − c`` (``(1, r_A)``) and
-    ``K = C − D₂ − D₃ + c`` (``(r_G, r_A)``), so ``M₂ = Y ∘ e₃``, ``M₁ = e₂ ∘ X``, ``M₃ = Z ∘ K``.
-    """
+    """What the spectral solve needs besides ``V``; it changes only when a factor or λ does:
+    ``c``, ``D₂`` (``(r_G, 1)``), ``D₃`` (``(1, r_A)``), ``C`` and ``K = C − D₂ − D₃ + c``
+    (``(r_G, r_A)``), and ``U_Aᵀ`` stored contiguously."""
 
     key: tuple
     c: float
-    e2: Tensor
-    e3: Tensor
+    d2: Tensor
+    d3: Tensor
+    C: Tensor
     K: Tensor
     UaT: Tensor
 
@@ -182,8 +182,8 @@ def _pair_constants(A: KroneckerFactor, G: KroneckerFactor, damping: float) -> _
     c = 1.0 / (sig_g * sig_a + damping)
     d2 = 1.0 / (mu_g[:, None] * sig_a + damping)  # (r_G, 1)
     d3 = 1.0 / (sig_g * mu_a[None, :] + damping)  # (1, r_A)
-    inv_core = 1.0 / (mu_g[:, None] * mu_a[None, :] + damping)  # (r_G, r_A)
-    const = _PairConstants(key, c, d2 - c, d3 - c, inv_core - d2 - d3 + c, Ua.T.contiguous())
+    C = 1.0 / (mu_g[:, None] * mu_a[None, :] + damping)  # (r_G, r_A)
+    const = _PairConstants(key, c, d2, d3, C, C - d2 - d3 + c, Ua.T.contiguous())
     _CONSTANTS[A] = const
     return const
 

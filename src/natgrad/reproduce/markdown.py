@@ -190,17 +190,26 @@ def timing_md(doc: Mapping[str, Any]) -> str:
         parts.append(md_table(headers, timing_rows(m["seed_runs"], reconstruct)))
     wide = doc.get("wide")
     if wide:
+        reps = int(wide.get("repeats", 1))
         parts.append(f"**MLP 784-{wide['hidden'].replace(',', '-')}-10**, batch "
                      f"{wide['batch_size']}, {wide['steps']} steps, seed {wide['seed']}, one "
-                     f"process:")
+                     f"process" + (f"; the variants took turns {reps} times: median step time "
+                                   f"of the {reps} runs, ratio mean ± std over the runs"
+                                   if reps > 1 else "") + ":")
         if wide.get("error"):
             parts.append(f"not available: {wide['error']}")
         else:
             sgd = next((r for r in wide["runs"] if r["optimizer"] == "sgd"), None)
+
+            def ratios(r: Mapping[str, Any]) -> list[float | None]:
+                mine = r.get("step_time_s_runs", [r["step_time_s_median"]])
+                base = (sgd.get("step_time_s_runs", [sgd["step_time_s_median"]])
+                        if sgd else [None] * len(mine))
+                return [ratio(a, b) for a, b in zip(mine, base)]
+
             rows = [[r["label"], r["options"], 1e3 * r["step_time_s_median"],
-                     pm([ratio(r["step_time_s_median"], sgd and sgd["step_time_s_median"])],
-                        suffix="×"),
-                     r["wall_time_s"], r["test_accuracy"]] for r in wide["runs"]]
+                     pm(ratios(r), suffix="×"), r["wall_time_s"], r["test_accuracy"]]
+                    for r in wide["runs"]]
             parts.append(md_table(["variant", "options", "median step ms", "step / SGD",
                                    "wall s", "test acc."], rows, "llrrrr"))
             if wide.get("missing"):

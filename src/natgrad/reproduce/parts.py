@@ -13,6 +13,7 @@ import copy
 import io
 import json
 import shutil
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +186,9 @@ def _slim(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_wide(ctx: Context, seed: int) -> dict[str, Any]:
-    """One epoch of the wide MLP per variant, from the same initial weights, in this process."""
+    """One epoch of the wide MLP per variant, from the same initial weights, in this process;
+    the variants take turns ``wide_repeats`` times so that machine noise hits all of them alike.
+    """
     from ..data import load_dataset
     from ..models import build_model
     from ..optim.registry import make_optimizer
@@ -204,26 +207,30 @@ def run_wide(ctx: Context, seed: int) -> dict[str, Any]:
     train_data = TensorDataset(train_set.x, train_set.y)
     test_data = TensorDataset(test_set.x, test_set.y)
     batch = 128
-    runs = []
-    for label, name, options in WIDE_VARIANTS:
-        if name not in avail:
-            continue
-        ctx.note(f"wide MLP: {label}")
-        model = copy.deepcopy(initial)
-        opt = make_optimizer(name, model, loss_kind="cross_entropy", **options)
-        res = train(model, opt, train_data, test_data, "cross_entropy",
-                    TrainConfig(epochs=1, batch_size=batch, seed=seed, target_accuracy=None,
-                                progress=False))
-        runs.append({"label": label, "optimizer": name,
-                     "options": ", ".join(f"{k}={num(v)}" for k, v in options.items())
-                     or "registry defaults",
-                     "step_time_s_median": res.step_time_s_median,
-                     "wall_time_s": res.wall_time_s,
-                     "test_accuracy": res.final.get("test_accuracy"),
-                     "steps": len(res.step_times_s), "diverged": res.diverged})
+    variants = [v for v in WIDE_VARIANTS if v[1] in avail]
+    runs: dict[str, dict[str, Any]] = {}
+    for repeat in range(s.wide_repeats):
+        for label, name, options in variants:
+            ctx.note(f"wide MLP: {label} ({repeat + 1}/{s.wide_repeats})")
+            model = copy.deepcopy(initial)
+            opt = make_optimizer(name, model, loss_kind="cross_entropy", **options)
+            res = train(model, opt, train_data, test_data, "cross_entropy",
+                        TrainConfig(epochs=1, batch_size=batch, seed=seed, target_accuracy=None,
+                                    progress=False))
+            run = runs.setdefault(label, {
+                "label": label, "optimizer": name,
+                "options": ", ".join(f"{k}={num(v)}" for k, v in options.items())
+                or "registry defaults",
+                "step_time_s_runs": [], "wall_time_s": res.wall_time_s,
+                "test_accuracy": res.final.get("test_accuracy"),
+                "steps": len(res.step_times_s), "diverged": res.diverged})
+            run["step_time_s_runs"].append(res.step_time_s_median)
+    for run in runs.values():
+        run["step_time_s_median"] = statistics.median(run["step_time_s_runs"])
+    out = list(runs.values())
     return {"hidden": s.wide_hidden, "batch_size": batch, "seed": seed,
-            "steps": runs[0]["steps"] if runs else 0, "train_size": len(train_set),
-            "runs": runs, "missing": missing}
+            "steps": out[0]["steps"] if out else 0, "train_size": len(train_set),
+            "repeats": s.wide_repeats, "runs": out, "missing": missing}
 
 
 def run_timing(ctx: Context) -> dict[str, Any]:

@@ -36,6 +36,7 @@ class Settings:
         hidden: ``--hidden`` per model (``None``: the model's default).
         limit_train, limit_test: ``--limit-train`` / ``--limit-test`` per model (``None``: all).
         wide_hidden, wide_limit_train: the 784-1024-1024-10 step-time comparison (1 epoch).
+        wide_repeats: how many times the variants of that comparison take turns.
         scaling_widths, scaling_ranks, scaling_repeats: ``natgrad bench scaling``.
         stability_dampings, stability_seeds, stability_limit_train: ``natgrad bench stability``.
         analysis_epochs, analysis_limit_train: the CNN trained before ``natgrad analyze``.
@@ -52,6 +53,7 @@ class Settings:
     limit_test: dict[str, int | None] = field(default_factory=dict)
     wide_hidden: str = "1024,1024"
     wide_limit_train: int | None = None
+    wide_repeats: int = 3
     scaling_widths: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
     scaling_ranks: tuple[int, ...] = (32, 64)
     scaling_repeats: int = 5
@@ -78,6 +80,7 @@ QUICK = Settings(
     epochs={"mlp": 2, "cnn": 2, "autoencoder": 2},
     limit_train={"cnn": 1024, "autoencoder": 1024},
     wide_limit_train=1280,
+    wide_repeats=1,
     scaling_widths=(256, 512, 1024),
     scaling_ranks=(64,),
     scaling_repeats=3,
@@ -102,6 +105,7 @@ TINY = Settings(
     limit_test={m: 128 for m in MODELS},
     wide_hidden="32,32",
     wide_limit_train=256,
+    wide_repeats=1,
     scaling_widths=(32, 64),
     scaling_ranks=(8,),
     scaling_repeats=1,
@@ -173,7 +177,7 @@ def estimate(settings: Settings, parts: tuple[str, ...] | list[str],
     if "parity" in parts:
         est["parity"] = parity
     if "timing" in parts:
-        wide = 14.0 * len(optimizers) * (s.wide_limit_train or 4000) / 4000
+        wide = 14.0 * len(optimizers) * (s.wide_limit_train or 4000) / 4000 * s.wide_repeats
         est["timing"] = wide + (0.0 if "parity" in parts else parity / max(len(s.seeds), 1))
     if "scaling" in parts:
         w = max(s.scaling_widths)
