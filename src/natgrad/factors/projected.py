@@ -127,7 +127,8 @@ class ProjectedFactor(KroneckerFactor):
             (``(0, 1]``), at most ``max_rank``; chosen per layer at every update.
         max_rank: cap of the rank in ``energy`` mode (default: ``rank``).
         sketch_size: ``k``, new directions per update (default: half the rank cap, or ``d`` at
-            full rank; more while the rank is not yet filled); rows beyond ``k`` are sketched.
+            full rank; plus the missing rank while it is not yet filled); rows beyond ``k`` are
+            sketched.
         sketch: ``"gaussian"`` (``Xᵀ Ω``) or ``"rows"`` (``k`` random rows of ``X``).
         max_rows: subsample this many rows (e.g. spatial locations of a conv layer) for the
             Rayleigh–Ritz projection, reweighted to stay unbiased; the trace always uses all rows.
@@ -213,6 +214,12 @@ class ProjectedFactor(KroneckerFactor):
         gen.manual_seed(self.seed * 1_000_003 + self.updates)
         return gen
 
+    def _sketch_matrix(self, n: int, k: int, gen: torch.Generator) -> Tensor:
+        """Gaussian ``Ω`` (``(n, k)``), drawn in float32 whatever the working precision, so that
+        float32 and float64 factors with the same seed see the same sketches."""
+        omega = torch.randn(n, k, generator=gen, device=self.device, dtype=torch.float32)
+        return omega.to(self.dtype)
+
     def _update(self, rows: Tensor, new_weight: float, keep: float) -> bool:
         n = rows.shape[0]
         flat = rows.reshape(-1)
@@ -227,14 +234,15 @@ class ProjectedFactor(KroneckerFactor):
             new_weight = new_weight * n / self.max_rows
             rows, n = rows[idx], self.max_rows
         U = self.U if keep > 0 else self.U[:, :0]
-        k = max(self.sketch_size, self.rank_cap - U.shape[1])  # enough to fill the rank
+        # the missing rank plus the usual k (a sketch of only the missing rank would not be
+        # oversampled: a one-shot build from a single batch would find a poor subspace)
+        k = self.sketch_size + self.rank_cap - U.shape[1]
         if n <= k:
             Y = rows.T
         else:
             gen = gen or self._generator()
             if self.sketch == "gaussian":
-                omega = torch.randn(n, k, generator=gen, device=self.device, dtype=self.dtype)
-                Y = rows.T @ omega
+                Y = rows.T @ self._sketch_matrix(n, k, gen)
             else:
                 Y = rows[torch.randperm(n, generator=gen, device=self.device)[:k]].T
         Q = _orth_complement(Y, U, self._tol)
@@ -327,8 +335,7 @@ class ProjectedFactor(KroneckerFactor):
         Y = rows[0].new_zeros(b, max(dims), k)
         for i, (f, x) in enumerate(zip(fs, rows)):
             U[i, : f.dim] = f.U
-            omega = torch.randn(n, k, generator=f._generator(), device=device, dtype=dtype)
-            torch.mm(x.T, omega, out=Y[i, : f.dim])  # (d, k)
+            torch.mm(x.T, f._sketch_matrix(n, k, f._generator()), out=Y[i, : f.dim])  # (d, k)
         ref = (Y * Y).sum((1, 2)).double()
         Q = torch.baddbmm(Y, U, torch.bmm(U.transpose(1, 2), Y), alpha=-1.0)
         L, info = torch.linalg.cholesky_ex(torch.bmm(Q.transpose(1, 2), Q).double())

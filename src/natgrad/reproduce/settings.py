@@ -128,14 +128,14 @@ MODES = {"full": FULL, "quick": QUICK, "tiny": TINY}
 #: :func:`calibrate` time, measured together with 1 thread on the 2-core development machine
 #: (torch 2.13, float32); an optimizer not listed counts as its model's "kfac" cost.
 EPOCH_COST_S = {
-    "mlp": {"sgd": 0.10, "adam": 0.13, "kfac": 0.78, "rkfac": 0.90, "pkfac": 1.17},
-    "cnn": {"sgd": 2.7, "adam": 2.6, "kfac": 26.5, "rkfac": 24.9, "pkfac": 16.1},
-    "autoencoder": {"sgd": 0.77, "adam": 1.15, "kfac": 24.7, "rkfac": 8.5, "pkfac": 5.5},
+    "mlp": {"sgd": 0.07, "adam": 0.09, "kfac": 0.5, "rkfac": 0.6, "pkfac": 0.5},
+    "cnn": {"sgd": 1.8, "adam": 1.7, "kfac": 17.0, "rkfac": 16.0, "pkfac": 7.0},
+    "autoencoder": {"sgd": 0.5, "adam": 0.75, "kfac": 16.0, "rkfac": 5.5, "pkfac": 2.5},
 }
 CALIBRATION_REF_S = (0.065, 0.006)  # matmul_s, eigh_s
 #: rough fixed costs on the reference machine (seconds): bench scaling up to width 4096 with 5
 #: repeats, natgrad analyze of the CNN on 1,000 samples (top-10, 4 probes)
-FIXED_COST_S = {"scaling": 420.0, "analysis_full": 500.0}
+FIXED_COST_S = {"scaling": 150.0, "analysis_full": 230.0}
 
 
 def calibrate() -> tuple[float, float]:
@@ -177,7 +177,7 @@ def estimate(settings: Settings, parts: tuple[str, ...] | list[str],
     if "parity" in parts:
         est["parity"] = parity
     if "timing" in parts:
-        wide = 14.0 * len(optimizers) * (s.wide_limit_train or 4000) / 4000 * s.wide_repeats
+        wide = 7.0 * len(optimizers) * (s.wide_limit_train or 4000) / 4000 * s.wide_repeats
         est["timing"] = wide + (0.0 if "parity" in parts else parity / max(len(s.seeds), 1))
     if "scaling" in parts:
         w = max(s.scaling_widths)
@@ -185,7 +185,7 @@ def estimate(settings: Settings, parts: tuple[str, ...] | list[str],
             len(s.scaling_ranks) + 3) / 5 * s.scaling_repeats / 5 + 5.0
     if "stability" in parts:
         runs = 3 * len(s.stability_dampings) * len(s.stability_seeds)
-        est["stability"] = runs * 1.7 * (s.stability_limit_train or 4000) / 4000
+        est["stability"] = runs * 0.95 * (s.stability_limit_train or 4000) / 4000
     if "analysis" in parts:
         train = _epochs_cost("cnn", ("sgd",), s.analysis_epochs, s.analysis_limit_train)
         track = _epochs_cost("cnn", s.tracking_optimizers, s.analysis_epochs,
