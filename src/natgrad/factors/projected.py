@@ -68,10 +68,8 @@ def small_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
 def _orth_complement(Y: Tensor, U: Tensor, tol: float) -> Tensor:
     """Orthonormal basis of ``(I − U Uᵀ) Y`` with dependent directions dropped.
 
-    Fast path: Gram–Schmidt against ``U`` and a Cholesky QR of the remaining block, both done twice
-    ("twice is enough"; ``O(d k (r + k))`` and a ``k × k`` Cholesky). When the block is close to
-    rank deficient (a squared Cholesky pivot at or below ``tol · ‖Y‖_F²``) the Gram matrix is
-    eigendecomposed instead and the dependent directions are dropped.
+    The fast path is :func:`_cholesky_qr2`; when the block is close to rank deficient the Gram
+    matrix is eigendecomposed instead and the dependent directions are dropped.
 
     Args:
         Y: ``(d, k)`` candidate directions (finite).
@@ -84,21 +82,36 @@ def _orth_complement(Y: Tensor, U: Tensor, tol: float) -> Tensor:
     ref = float((Y * Y).sum())
     if ref == 0.0:
         return Y[:, :0]
+    Q = _cholesky_qr2(Y, U, tol)
+    return Q if Q is not None else _eigh_orth(Y, U, tol, ref)
+
+
+def _cholesky_qr2(Y: Tensor, U: Tensor, tol: float) -> Tensor | None:
+    """Gram–Schmidt against ``U`` and a Cholesky QR of the remaining block, both done twice ("twice
+    is enough"; ``O(d k (r + k))`` and a ``k × k`` Cholesky), for ``(d, k)`` or batched
+    ``(b, d, k)`` blocks.
+
+    Returns ``None`` when a block is close to rank deficient: a squared Cholesky pivot at or below
+    ``tol · ‖Y‖_F²`` (Cholesky QR would lose orthogonality there).
+    """
+    ref = (Y * Y).sum((-2, -1)).double()
     Q = _project_out(Y, U)
-    L, info = torch.linalg.cholesky_ex((Q.T @ Q).double())
-    if int(info) == 0 and float(L.diagonal().min()) ** 2 > tol * ref:
-        for i in range(2):  # the second pass starts from nearly orthonormal columns
-            Q = torch.linalg.solve_triangular(L.to(Q.dtype), Q.T, upper=False).T
-            if i == 0:
-                Q = _project_out(Q, U)
-                L, info = torch.linalg.cholesky_ex((Q.T @ Q).double())
-        if int(info) == 0:
-            return Q
-    return _eigh_orth(Y, U, tol, ref)
+    L, info = torch.linalg.cholesky_ex((Q.mT @ Q).double())
+    pivots = L.diagonal(dim1=-2, dim2=-1).amin(-1)
+    if not bool(((info == 0) & (pivots.square() > tol * ref)).all()):
+        return None
+    for i in range(2):  # the second pass starts from nearly orthonormal columns
+        Q = torch.linalg.solve_triangular(L.to(Q.dtype), Q.mT, upper=False).mT
+        if i == 0:
+            Q = _project_out(Q, U)
+            L, info = torch.linalg.cholesky_ex((Q.mT @ Q).double())
+            if not bool((info == 0).all()):
+                return None
+    return Q
 
 
 def _project_out(Q: Tensor, U: Tensor) -> Tensor:
-    return torch.addmm(Q, U, U.T @ Q, alpha=-1.0) if U.shape[1] else Q
+    return Q - U @ (U.mT @ Q) if U.shape[-1] else Q
 
 
 def _eigh_orth(Y: Tensor, U: Tensor, tol: float, ref: float) -> Tensor:
@@ -336,20 +349,9 @@ class ProjectedFactor(KroneckerFactor):
         for i, (f, x) in enumerate(zip(fs, rows)):
             U[i, : f.dim] = f.U
             torch.mm(x.T, f._sketch_matrix(n, k, f._generator()), out=Y[i, : f.dim])  # (d, k)
-        ref = (Y * Y).sum((1, 2)).double()
-        Q = torch.baddbmm(Y, U, torch.bmm(U.transpose(1, 2), Y), alpha=-1.0)
-        L, info = torch.linalg.cholesky_ex(torch.bmm(Q.transpose(1, 2), Q).double())
-        pivots = L.diagonal(dim1=1, dim2=2).amin(1)
-        if not bool(((info == 0) & (pivots.square() > f0._tol * ref)).all()):
+        Q = _cholesky_qr2(Y, U, f0._tol)
+        if Q is None:  # a nearly dependent sketch: update() drops directions one by one
             return False
-        for i in range(2):  # Cholesky QR, twice (as _orth_complement)
-            Q = torch.linalg.solve_triangular(L.to(dtype), Q.transpose(1, 2), upper=False)
-            Q = Q.transpose(1, 2)
-            if i == 0:
-                Q = torch.baddbmm(Q, U, torch.bmm(U.transpose(1, 2), Q), alpha=-1.0)
-                L, info = torch.linalg.cholesky_ex(torch.bmm(Q.transpose(1, 2), Q).double())
-                if not bool((info == 0).all()):
-                    return False
         Z = torch.cat([U, Q], dim=2)  # (b, d, r + k)
         B = Z.new_empty(b, n, r + k)
         for i, (f, x) in enumerate(zip(fs, rows)):
