@@ -231,3 +231,19 @@ def test_hooks_are_attached_only_for_curvature_steps():
     opt._capture.remove()
     opt._capture.active = True  # removed for good: nothing is re-attached
     assert sum(len(m._forward_hooks) for m in hooked) == 0
+
+
+def test_tied_weights_are_preconditioned_once():
+    """A parameter shared by two layers belongs to the first layer's Kronecker block only."""
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    model[2].weight = model[0].weight
+    opt = KFAC(model, factors="projected", factor_options={"rank": 2})
+    assert set(opt.layers) == {"0", "4"}
+    assert "shares parameters with layer '0'" in opt.registration_summary
+    before = model[0].weight.detach().clone()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(model[0].weight).all() and not torch.equal(model[0].weight, before)

@@ -190,6 +190,11 @@ class KFAC(torch.optim.Optimizer):
             if not all(id(p) in optimised and p.requires_grad for p in helper.params):
                 self._skipped_layers[name] = "not all of its parameters are optimised"
                 continue
+            shared = [owner for p in helper.params
+                      for owner, h in self.layers.items() if any(p is q for q in h.params)]
+            if shared:  # tied weights: one Kronecker block per parameter
+                self._skipped_layers[name] = f"shares parameters with layer {shared[0]!r}"
+                continue
             self.layers[name] = helper
         self._param_layer: dict[int, tuple[str, int]] = {
             id(p): (name, i) for name, h in self.layers.items() for i, p in enumerate(h.params)
