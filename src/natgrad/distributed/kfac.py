@@ -4,9 +4,10 @@ The optimizer talks to one object (``KFAC(..., distributed=...)``) at five point
 
 1. :meth:`~DistributedKFAC.reduce_statistics` after the capture: the rows of every rank are
    combined into the statistics of the concatenated global batch (:mod:`.statistics`);
-2. :meth:`~DistributedKFAC.update`: dense factors are updated on every rank (cheap, and they stay
-   identical); row-based strategies whose update *is* the expensive part (``projected``,
-   ``recursive``) are updated only by the layer's owner;
+2. :meth:`~DistributedKFAC.update_all` (layer by layer, :meth:`~DistributedKFAC.update`): dense
+   factors are updated on every rank (cheap, and they stay identical); row-based strategies whose
+   update *is* the expensive part (``projected``, ``recursive``) are updated only by the layer's
+   owner;
 3. :meth:`~DistributedKFAC.refresh_pair`: only the owner of a layer recomputes its inverse
    representation; owners are chosen once by greedy LPT on the estimated cost
    (:mod:`.assignment`);
@@ -73,11 +74,6 @@ class SingleProcess:
 
     def reduce_statistics(self, stats: dict[str, Statistics], active: bool) -> dict[str, Any]:
         return stats
-
-    def update(self, name: str, A: KroneckerFactor, G: KroneckerFactor, st: Statistics,
-               decay: float) -> None:
-        A.update(st.a, st.a_scale, decay)
-        G.update(st.g, st.g_scale, decay)
 
     def update_all(self, items: list[tuple[str, KroneckerFactor, KroneckerFactor, Statistics]],
                    decay: float) -> None:

@@ -114,6 +114,25 @@ def _project_out(Q: Tensor, U: Tensor) -> Tensor:
     return Q - U @ (U.mT @ Q) if U.shape[-1] else Q
 
 
+def _rayleigh_ritz(
+    B: Tensor, weight: Tensor | float, keep: float, lam: Tensor, sigma: Tensor | float
+) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of ``M = Zᵀ F_new Z = w (X Z)ᵀ (X Z) + keep · blockdiag(diag(λ), σ I)``,
+    descending (eigenvalues clamped at 0), for ``B = X Z`` of shape ``(n, q)`` or ``(b, n, q)``.
+
+    ``weight``, ``sigma``: scalars, or ``(b, 1, 1)`` / ``(b, 1)`` tensors in the batched case;
+    ``lam``: ``(r,)`` or ``(b, r)``. Float64; ``eigh`` reads the lower triangle only.
+    """
+    M = (B.mT @ B).double().mul_(weight)
+    if keep > 0:
+        diag = M.diagonal(dim1=-2, dim2=-1)
+        r = lam.shape[-1]
+        diag[..., :r].add_(lam.double(), alpha=keep)
+        diag[..., r:].add_(keep * sigma)
+    mu, V = small_eigh(M)
+    return mu.flip(-1).clamp_min(0.0), V.flip(-1)
+
+
 def _eigh_orth(Y: Tensor, U: Tensor, tol: float, ref: float) -> Tensor:
     """The robust path of :func:`_orth_complement` (Gram eigendecomposition, twice)."""
     Q = Y
@@ -261,27 +280,24 @@ class ProjectedFactor(KroneckerFactor):
         Q = _orth_complement(Y, U, self._tol)
         Z = torch.cat([U, Q], dim=1)  # (d, r + k')
         B = rows @ Z  # (n, r + k')
-        M = (B.T @ B).double().mul_(new_weight)  # eigh reads the lower triangle only
-        if keep > 0:
-            diag = M.diagonal()
-            diag[: U.shape[1]].add_(self.lam.double(), alpha=keep)
-            diag[U.shape[1]:].add_(keep * self.sigma)
         try:
-            mu, V = small_eigh(M)
+            mu, V = _rayleigh_ritz(B, new_weight, keep, self.lam[: U.shape[1]], self.sigma)
         except RuntimeError as err:  # LinAlgError: keep the previous state
             self._skip(f"eigh failed ({err})")
             return False
-        mu, V = mu.flip(0).clamp_min(0.0), V.flip(1)
         r = self._choose_rank(mu, new_tr)
-        lam = mu[:r]
-        self.U = Z @ V[:, :r].to(self.dtype)
-        if self.updates % 8 == 7:  # rounding drift is slow: check orthonormality now and then
-            self.U = self._polish(self.U)
-        self.lam = lam.to(self.dtype)
-        self.tr = new_tr
-        rest = self.dim - r
-        self.sigma = max(0.0, (new_tr - float(lam.sum())) / rest) if rest > 0 else 0.0
+        self._accept(Z @ V[:, :r].to(self.dtype), mu[:r], new_tr)
         return True
+
+    def _accept(self, U: Tensor, lam: Tensor, tr: float, lam_sum: float | None = None) -> None:
+        """Install a refreshed ``(U, λ)`` with the tracked trace; ``σ`` follows from it."""
+        # rounding drift is slow: check orthonormality now and then
+        self.U = self._polish(U) if self.updates % 8 == 7 else U
+        self.lam = lam.to(self.dtype)
+        self.tr = tr
+        rest = self.dim - lam.numel()
+        lam_sum = float(lam.sum()) if lam_sum is None else lam_sum
+        self.sigma = max(0.0, (tr - lam_sum) / rest) if rest > 0 else 0.0
 
     def _skip(self, why: str) -> None:
         warnings.warn(
@@ -356,26 +372,18 @@ class ProjectedFactor(KroneckerFactor):
         B = Z.new_empty(b, n, r + k)
         for i, (f, x) in enumerate(zip(fs, rows)):
             torch.mm(x, Z[i, : f.dim], out=B[i])  # (n, r + k)
-        M = torch.bmm(B.transpose(1, 2), B).double()
-        M.mul_(torch.tensor(weights, dtype=M.dtype, device=device).view(b, 1, 1))
-        diag = M.diagonal(dim1=1, dim2=2)
-        diag[:, :r].add_(torch.stack([f.lam for f in fs]).double(), alpha=decay)
-        sig = torch.tensor([f.sigma for f in fs], dtype=M.dtype, device=device)
-        diag[:, r:].add_(decay * sig.view(b, 1))
+        f64 = dict(dtype=torch.float64, device=device)
         try:
-            mu, V = small_eigh(M)
+            mu, V = _rayleigh_ritz(B, torch.tensor(weights, **f64).view(b, 1, 1), decay,
+                                   torch.stack([f.lam for f in fs]),
+                                   torch.tensor([f.sigma for f in fs], **f64).view(b, 1))
         except RuntimeError:
             return False
-        mu = mu.flip(-1)[:, :r].clamp_min(0.0)
-        U_new = torch.bmm(Z, V.flip(-1)[:, :, :r].to(dtype))  # (b, d, r)
-        lam_sum = mu.sum(1).tolist()
+        mu = mu[:, :r]
+        U_new = torch.bmm(Z, V[:, :, :r].to(dtype))  # (b, d, r)
+        lam_sum = mu.sum(1).tolist()  # one sync for the group
         for i, f in enumerate(fs):
-            Ui = U_new[i, : f.dim].clone()
-            f.U = f._polish(Ui) if f.updates % 8 == 7 else Ui
-            f.lam = mu[i].to(dtype)
-            f.tr = new_tr[i]
-            rest = f.dim - r
-            f.sigma = max(0.0, (new_tr[i] - lam_sum[i]) / rest) if rest > 0 else 0.0
+            f._accept(U_new[i, : f.dim].clone(), mu[i], new_tr[i], lam_sum[i])
             f.updates += 1
         return True
 
