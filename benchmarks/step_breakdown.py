@@ -6,7 +6,8 @@ steps of
 
 * the forward pass (for pkfac on curvature steps this includes the Monte-Carlo backward and the
   statistics hooks) and the backward pass,
-* inside ``optimizer.step()``: the gradient norms (finite check and KL-clip), the factor updates,
+* inside ``optimizer.step()``: the squared norms of the gradients and of the curvature statistics
+  (finiteness checks, KL-clip and tracked traces), the factor updates,
   the natural-gradient solves and the in-place update of the weights,
 * the whole step (forward + backward + ``optimizer.step()``).
 
@@ -40,7 +41,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "pkfac, defaults": ("pkfac", {}),
     "pkfac, curvature every step": ("pkfac", {"curvature_every": 1, "inverse_every": 1}),
 }
-PARTS = ("forward", "backward", "gradient norms", "factor updates", "solves", "in-place update",
+PARTS = ("forward", "backward", "norms", "factor updates", "solves", "in-place update",
          "optimizer step", "whole step")
 
 
@@ -84,8 +85,9 @@ def measure(name: str, options: dict[str, Any], steps: int, warmup: int = 12) ->
     opt = make_optimizer(name, model, loss_kind="cross_entropy", **options)
     timers = Timers()
     undo = [
-        timers.wrap(kfac_module, "squared_norms", "gradient norms"),
-        timers.wrap(kfac_module, "finite_total", "gradient norms"),
+        timers.wrap(kfac_module, "squared_norms", "norms"),
+        timers.wrap(kfac_module, "finite_total", "norms"),
+        timers.wrap(kfac_module, "to_floats", "norms"),
         timers.wrap(kronecker, "_spectral_solve", "solves"),
         timers.wrap(kronecker.Direction, "add_to_", "in-place update"),
     ]

@@ -47,6 +47,9 @@ class Statistics:
     g: Tensor  # (n_g, d_G)
     g_scale: float
     samples: int
+    #: ``‖a‖_F²`` and ``‖g‖_F²`` once known (the optimizer's finiteness check computes them)
+    a_sq: float | None = None
+    g_sq: float | None = None
 
 
 @dataclass

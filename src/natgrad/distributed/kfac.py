@@ -79,7 +79,8 @@ class SingleProcess:
                    decay: float) -> None:
         """:meth:`update` for several layers at once (strategies may batch the work)."""
         update_factors(
-            [u for _, A, G, st in items for u in ((A, st.a, st.a_scale), (G, st.g, st.g_scale))],
+            [u for _, A, G, st in items
+             for u in ((A, st.a, st.a_scale, st.a_sq), (G, st.g, st.g_scale, st.g_sq))],
             decay,
         )
 

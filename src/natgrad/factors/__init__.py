@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import DenseFactor, FactorRefreshError, KroneckerFactor, update_factors
+from .base import DenseFactor, FactorRefreshError, FactorUpdate, KroneckerFactor, update_factors
 from .cholesky import CholeskyFactor
 from .eigh import EighFactor
 from .kronecker import (
@@ -50,6 +50,7 @@ __all__ = [
     "ProjectedFactor",
     "make_factor",
     "update_factors",
+    "FactorUpdate",
     "precondition",
     "solve",
     "Direction",

@@ -20,7 +20,8 @@ one entry in :data:`natgrad.factors.STRATEGIES`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from functools import partial
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -70,26 +71,29 @@ class KroneckerFactor(ABC):
         return cls(dim, **options)
 
     # ------------------------------------------------------------------ statistics
-    def update(self, rows: Tensor, scale: float, decay: float) -> None:
+    def update(
+        self, rows: Tensor, scale: float, decay: float, sq_norm: float | None = None
+    ) -> None:
         """EMA update with the batch statistics ``scale · rowsᵀ rows``.
 
         Args:
             rows: ``(n, d)``.
             scale: weight of ``rowsᵀ rows`` in the batch estimate (e.g. ``1/m``).
             decay: ``ρ ∈ [0, 1)``; ignored on the first update.
+            sq_norm: ``‖rows‖_F²`` when the caller already has it (a strategy that tracks the
+                trace uses it instead of another pass over ``rows``).
         """
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise ValueError(f"rows must have shape (n, {self.dim}), got {tuple(rows.shape)}")
-        self._ema(self._update, rows.to(device=self.device, dtype=self.dtype), scale, decay)
+        rows = rows.to(device=self.device, dtype=self.dtype)
+        self._ema(partial(self._update, sq_norm=sq_norm), rows, scale, decay)
 
     @classmethod
-    def update_batch(
-        cls, items: list[tuple[KroneckerFactor, Tensor, float]], decay: float
-    ) -> None:
-        """:meth:`update` for several factors of this strategy, ``items = [(factor, rows,
-        scale), ...]``; a strategy may override it to do the work in batched tensor ops."""
-        for factor, rows, scale in items:
-            factor.update(rows, scale, decay)
+    def update_batch(cls, items: list[FactorUpdate], decay: float) -> None:
+        """:meth:`update` for several factors of this strategy; a strategy may override it to do
+        the work in batched tensor ops."""
+        for item in items:
+            item.factor.update(item.rows, item.scale, decay, item.sq_norm)
 
     #: whether :meth:`update_moment` is available (the strategy stores the dense ``F``)
     supports_moment: ClassVar[bool] = False
@@ -121,9 +125,12 @@ class KroneckerFactor(ABC):
         raise NotImplementedError
 
     @abstractmethod
-    def _update(self, rows: Tensor, new_weight: float, keep: float) -> bool | None:
+    def _update(
+        self, rows: Tensor, new_weight: float, keep: float, sq_norm: float | None = None
+    ) -> bool | None:
         """``F ← keep · F + new_weight · rowsᵀ rows`` (``keep = 0``: replace); ``False`` if the
-        strategy skipped the update and left its state untouched."""
+        strategy skipped the update and left its state untouched. ``sq_norm``: ``‖rows‖_F²`` if
+        known."""
 
     @abstractmethod
     def trace(self) -> float:
@@ -222,14 +229,27 @@ class KroneckerFactor(ABC):
         return f"{type(self).__name__}(dim={self.dim}, updates={self.updates})"
 
 
-def update_factors(items: list[tuple[KroneckerFactor, Tensor, float]], decay: float) -> None:
+class FactorUpdate(NamedTuple):
+    """One pending :meth:`KroneckerFactor.update`: ``scale · rowsᵀ rows`` for ``factor``."""
+
+    factor: KroneckerFactor
+    rows: Tensor
+    scale: float
+    sq_norm: float | None = None  # ‖rows‖_F², if known
+
+
+def update_factors(items: list[tuple], decay: float) -> None:
     """Apply several factor updates, grouped by strategy (see :meth:`KroneckerFactor.update_batch`).
+
+    Args:
+        items: :class:`FactorUpdate` or plain ``(factor, rows, scale[, sq_norm])`` tuples.
 
     The result is that of calling :meth:`KroneckerFactor.update` on each item in turn, up to
     floating-point rounding."""
-    groups: dict[type, list[tuple[KroneckerFactor, Tensor, float]]] = {}
+    groups: dict[type, list[FactorUpdate]] = {}
     for item in items:
-        groups.setdefault(type(item[0]), []).append(item)
+        item = FactorUpdate(*item)
+        groups.setdefault(type(item.factor), []).append(item)
     for cls, group in groups.items():
         cls.update_batch(group, decay)
 
@@ -243,7 +263,9 @@ class DenseFactor(KroneckerFactor):
         super().__init__(dim, **options)
         self.F = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
 
-    def _update(self, rows: Tensor, new_weight: float, keep: float) -> None:
+    def _update(
+        self, rows: Tensor, new_weight: float, keep: float, sq_norm: float | None = None
+    ) -> None:
         # F ← keep·F + w·XᵀX, symmetric by construction
         self.F = torch.addmm(self.F, rows.T, rows, beta=keep, alpha=new_weight)
 

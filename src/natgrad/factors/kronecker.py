@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..norms import dot
 from .base import KroneckerFactor
 
 
@@ -62,7 +63,7 @@ class Direction:
     def from_dense(cls, V_blocks: list[Tensor], D: Tensor) -> Direction:
         """Wrap a dense ``(d_G, d_A)`` direction solved for the gradient blocks ``V_blocks``."""
         D_blocks = list(D.split([b.shape[1] for b in V_blocks], dim=1))
-        inner = sum(_dot(v, d) for v, d in zip(V_blocks, D_blocks))
+        inner = sum(dot(v, d) for v, d in zip(V_blocks, D_blocks))
         return cls(D_blocks, 1.0, None, None, inner)
 
     def _R_blocks(self) -> list[Tensor | None]:
@@ -96,12 +97,6 @@ class Direction:
                 t.addmm_(self.L, R, alpha=alpha)
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    if a.is_contiguous() and b.is_contiguous():
-        return torch.dot(a.reshape(-1), b.reshape(-1))
-    return (a * b).sum()
-
-
 def _spectral_solve(
     blocks: list[Tensor],
     A: KroneckerFactor,
@@ -130,8 +125,8 @@ def _spectral_solve(
     k = _pair_constants(A, G, damping)
     if full_g and not full_a:
         X = torch.cat([Ug.T @ b for b in blocks], dim=1)  # (d_G, d_A)
-        R = torch.addmm(k.d2 * X, (X @ Ua) * (k.C - k.d2), k.UaT)
-        return Direction(blocks, 0.0, Ug, R, _dot(X, R))
+        R = torch.addmm(k.d2 * X, (X @ Ua) * (k.C - k.d2), Ua.T)
+        return Direction(blocks, 0.0, Ug, R, dot(X, R))
     Ua_blocks = Ua.split([b.shape[1] for b in blocks], dim=0)
     Y = blocks[0] @ Ua_blocks[0]  # (d_G, r_A)
     for b, u in zip(blocks[1:], Ua_blocks[1:]):
@@ -139,30 +134,44 @@ def _spectral_solve(
     if full_a:
         Z = Ug.T @ Y
         L = Ug @ (Z * k.C) if full_g else torch.addmm(Y * k.d3, Ug, Z * (k.C - k.d3))
-        return Direction(blocks, 0.0, L, k.UaT, _dot(Y, L))
+        return Direction(blocks, 0.0, L, Ua.T, dot(Y, L))
     X = torch.cat([Ug.T @ b for b in blocks], dim=1)  # (r_G, d_A)
     c = k.c
-    M2 = Y * (k.d3 - c)  # (d_G, r_A)
-    R1 = torch.addmm((k.d2 - c) * X, (X @ Ua) * k.K, k.UaT)  # M₁ + M₃ U_Aᵀ, (r_G, d_A)
+    M2 = Y * k.e3  # (d_G, r_A)
+    R1 = torch.addmm(k.e2 * X, (X @ Ua) * k.K, Ua.T)  # M₁ + M₃ U_Aᵀ, (r_G, d_A)
     if norm2 is None:
-        norm2 = sum(_dot(b, b) for b in blocks)
-    inner = c * norm2 + _dot(X, R1) + _dot(Y, M2)
-    return Direction(blocks, c, torch.cat([Ug, M2], dim=1), torch.cat([R1, k.UaT], dim=0), inner)
+        norm2 = sum(dot(b, b) for b in blocks)
+    inner = c * norm2 + dot(X, R1) + dot(Y, M2)
+    return Direction(blocks, c, torch.cat([Ug, M2], dim=1), torch.cat([R1, Ua.T], dim=0), inner)
 
 
 @dataclass
 class _PairConstants:
-    """What the spectral solve needs besides ``V``; it changes only when a factor or λ does:
-    ``c``, ``D₂`` (``(r_G, 1)``), ``D₃`` (``(1, r_A)``), ``C`` and ``K = C − D₂ − D₃ + c``
-    (``(r_G, r_A)``), and ``U_Aᵀ`` stored contiguously."""
+    """What the spectral solve needs besides ``V``; it changes only when a factor or λ does.
+
+    All are read off ``T = 1 / ([μ_G; σ_G] [μ_A; σ_A]ᵀ + λ)`` (``(r_G + 1, r_A + 1)``, one
+    outer product): ``C = T[:r_G, :r_A]``, ``D₂ = T[:r_G, r_A]`` (a column), ``D₃ = T[r_G, :r_A]``
+    (a row), ``c = T[r_G, r_A]``, and the combinations ``e₂ = D₂ − c``, ``e₃ = D₃ − c``,
+    ``K = C − D₂ − D₃ + c``."""
 
     key: tuple
     c: float
-    d2: Tensor
-    d3: Tensor
-    C: Tensor
+    T: Tensor
     K: Tensor
-    UaT: Tensor
+    e2: Tensor
+    e3: Tensor
+
+    @property
+    def C(self) -> Tensor:
+        return self.T[:-1, :-1]
+
+    @property
+    def d2(self) -> Tensor:
+        return self.T[:-1, -1:]
+
+    @property
+    def d3(self) -> Tensor:
+        return self.T[-1:, :-1]
 
 
 #: the last constants per ``A`` factor (weakly keyed: dropped with the factor)
@@ -179,11 +188,12 @@ def _pair_constants(A: KroneckerFactor, G: KroneckerFactor, damping: float) -> _
         x is y or (isinstance(x, float) and x == y) for x, y in zip(hit.key, key)
     ):
         return hit
-    c = 1.0 / (sig_g * sig_a + damping)
-    d2 = 1.0 / (mu_g[:, None] * sig_a + damping)  # (r_G, 1)
-    d3 = 1.0 / (sig_g * mu_a[None, :] + damping)  # (1, r_A)
-    C = 1.0 / (mu_g[:, None] * mu_a[None, :] + damping)  # (r_G, r_A)
-    const = _PairConstants(key, c, d2, d3, C, C - d2 - d3 + c, Ua.T.contiguous())
+    ext_g = torch.cat([mu_g, mu_g.new_full((1,), float(sig_g))])
+    ext_a = torch.cat([mu_a, mu_a.new_full((1,), float(sig_a))])
+    T = torch.outer(ext_g, ext_a).add_(damping).reciprocal_()  # (r_G + 1, r_A + 1)
+    c = 1.0 / (float(sig_g) * float(sig_a) + damping)
+    e2, e3 = T[:-1, -1:] - c, T[-1:, :-1] - c
+    const = _PairConstants(key, c, T, T[:-1, :-1] - T[:-1, -1:] - e3, e2, e3)
     _CONSTANTS[A] = const
     return const
 

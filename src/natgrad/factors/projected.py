@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import KroneckerFactor
+from ..norms import squared_norms, to_floats
+from .base import FactorUpdate, KroneckerFactor
 from .eigh import EighFactor
 
 SKETCHES = ("gaussian", "rows")
@@ -111,7 +112,12 @@ def _cholesky_qr2(Y: Tensor, U: Tensor, tol: float) -> Tensor | None:
 
 
 def _project_out(Q: Tensor, U: Tensor) -> Tensor:
-    return Q - U @ (U.mT @ Q) if U.shape[-1] else Q
+    """``Q − U (Uᵀ Q)`` for ``(d, k)`` or batched ``(b, d, k)`` blocks."""
+    if not U.shape[-1]:
+        return Q
+    if Q.ndim == 2:
+        return torch.addmm(Q, U, U.T @ Q, alpha=-1.0)
+    return torch.baddbmm(Q, U, U.mT @ Q, alpha=-1.0)
 
 
 def _rayleigh_ritz(
@@ -252,10 +258,13 @@ class ProjectedFactor(KroneckerFactor):
         omega = torch.randn(n, k, generator=gen, device=self.device, dtype=torch.float32)
         return omega.to(self.dtype)
 
-    def _update(self, rows: Tensor, new_weight: float, keep: float) -> bool:
+    def _update(
+        self, rows: Tensor, new_weight: float, keep: float, sq_norm: float | None = None
+    ) -> bool:
         n = rows.shape[0]
-        flat = rows.reshape(-1)
-        new_tr = keep * self.tr + new_weight * float(flat @ flat)
+        if sq_norm is None:
+            sq_norm = to_floats(squared_norms([rows]))[0]
+        new_tr = keep * self.tr + new_weight * sq_norm
         if not math.isfinite(new_tr):  # non-finite rows (everything below is finite otherwise)
             self._skip("non-finite statistics")
             return False
@@ -308,9 +317,7 @@ class ProjectedFactor(KroneckerFactor):
 
     # ------------------------------------------------------------------ batched statistics
     @classmethod
-    def update_batch(
-        cls, items: list[tuple[KroneckerFactor, Tensor, float]], decay: float
-    ) -> None:
+    def update_batch(cls, items: list[FactorUpdate], decay: float) -> None:
         """:meth:`update` for several factors with one set of batched tensor ops.
 
         Factors in the steady state — rank filled, fixed rank, Gaussian sketch with ``n > k``,
@@ -321,19 +328,20 @@ class ProjectedFactor(KroneckerFactor):
         dependent sketch, takes :meth:`update` one by one. The sketches come from the same
         per-factor generators, so both paths give the same result up to rounding.
         """
-        groups: dict[tuple, list[tuple[ProjectedFactor, Tensor, float]]] = {}
-        rest: list[tuple[KroneckerFactor, Tensor, float]] = []
-        for f, rows, scale in items:
-            key = f._batch_key(rows) if isinstance(f, ProjectedFactor) else None
+        groups: dict[tuple, list[FactorUpdate]] = {}
+        rest: list[FactorUpdate] = []
+        for item in items:
+            f = item.factor
+            key = f._batch_key(item.rows) if isinstance(f, ProjectedFactor) else None
             if key is None:
-                rest.append((f, rows, scale))
+                rest.append(item)
             else:
-                groups.setdefault(key, []).append((f, rows, scale))
+                groups.setdefault(key, []).append(item)
         for group in groups.values():
             if len(group) < 2 or not cls._update_group(group, decay):
                 rest.extend(group)
-        for f, rows, scale in rest:
-            f.update(rows, scale, decay)
+        for item in rest:
+            item.factor.update(item.rows, item.scale, decay, item.sq_norm)
 
     def _batch_key(self, rows: Tensor) -> tuple | None:
         """Grouping key for :meth:`update_batch`, or ``None`` when this update is not batchable."""
@@ -346,29 +354,33 @@ class ProjectedFactor(KroneckerFactor):
         return (n, self.rank_cap, self.sketch_size, self.dtype, self.device) if steady else None
 
     @staticmethod
-    def _update_group(group: list[tuple[ProjectedFactor, Tensor, float]], decay: float) -> bool:
+    def _update_group(group: list[FactorUpdate], decay: float) -> bool:
         """The batched refresh of :meth:`update_batch`; ``False`` (nothing changed) to fall back."""
-        fs = [f for f, _, _ in group]
+        fs: list[ProjectedFactor] = [item.factor for item in group]  # type: ignore[misc]
         f0 = fs[0]
         dtype, device, r, k = f0.dtype, f0.device, f0.rank_cap, f0.sketch_size
-        rows = [x.to(device=device, dtype=dtype) for _, x, _ in group]
+        rows = [item.rows.to(device=device, dtype=dtype) for item in group]
         n, b = rows[0].shape[0], len(fs)
         dims = [f.dim for f in fs]
-        weights = [(1.0 - decay) * scale for _, _, scale in group]
-        batch_tr = torch.stack([torch.dot(x.reshape(-1), x.reshape(-1)) for x in rows]).tolist()
+        weights = [(1.0 - decay) * item.scale for item in group]
+        batch_tr = [item.sq_norm for item in group]
+        missing = [i for i, t in enumerate(batch_tr) if t is None]
+        if missing:  # one sync for all the norms the caller did not pass
+            for i, t in zip(missing, to_floats(squared_norms([rows[i] for i in missing]))):
+                batch_tr[i] = t
         new_tr = [decay * f.tr + w * t for f, w, t in zip(fs, weights, batch_tr)]
         if not all(math.isfinite(t) for t in new_tr):
             return False  # update() warns and skips the offending factor
-        # products with the rows are done per factor, straight into zero-padded batch buffers
-        U = rows[0].new_zeros(b, max(dims), r)
-        Y = rows[0].new_zeros(b, max(dims), k)
+        # products with the rows are done per factor, straight into a zero-padded basis buffer
+        # Z = [U, Y] (b, d, r + k)
+        Z = rows[0].new_zeros(b, max(dims), r + k)
         for i, (f, x) in enumerate(zip(fs, rows)):
-            U[i, : f.dim] = f.U
-            torch.mm(x.T, f._sketch_matrix(n, k, f._generator()), out=Y[i, : f.dim])  # (d, k)
-        Q = _cholesky_qr2(Y, U, f0._tol)
+            Z[i, : f.dim, :r] = f.U
+            torch.mm(x.T, f._sketch_matrix(n, k, f._generator()), out=Z[i, : f.dim, r:])
+        Q = _cholesky_qr2(Z[:, :, r:], Z[:, :, :r], f0._tol)
         if Q is None:  # a nearly dependent sketch: update() drops directions one by one
             return False
-        Z = torch.cat([U, Q], dim=2)  # (b, d, r + k)
+        Z[:, :, r:] = Q
         B = Z.new_empty(b, n, r + k)
         for i, (f, x) in enumerate(zip(fs, rows)):
             torch.mm(x, Z[i, : f.dim], out=B[i])  # (n, r + k)
@@ -383,7 +395,8 @@ class ProjectedFactor(KroneckerFactor):
         U_new = torch.bmm(Z, V[:, :, :r].to(dtype))  # (b, d, r)
         lam_sum = mu.sum(1).tolist()  # one sync for the group
         for i, f in enumerate(fs):
-            f._accept(U_new[i, : f.dim].clone(), mu[i], new_tr[i], lam_sum[i])
+            # a leading-rows slice of a contiguous (b, d, r) buffer: contiguous, no copy needed
+            f._accept(U_new[i, : f.dim], mu[i], new_tr[i], lam_sum[i])
             f.updates += 1
         return True
 

@@ -134,7 +134,9 @@ class RecursiveFactor(DenseFactor):
         L = (W * s.clamp_min(0.0).sqrt()).T  # (k', k'), LᵀL = C
         return L.to(self.dtype) @ Z.T
 
-    def _update(self, rows: Tensor, new_weight: float, keep: float) -> None:
+    def _update(
+        self, rows: Tensor, new_weight: float, keep: float, sq_norm: float | None = None
+    ) -> None:
         gen = self._generator()
         if self.sketch_size is not None and rows.shape[0] > self.sketch_size:
             rows = self._project(rows, gen)

@@ -20,6 +20,7 @@ plain SGD step. How a factor is stored and inverted is the business of the facto
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -32,40 +33,12 @@ from ..distributed.kfac import resolve as resolve_distributed
 from ..factors import STRATEGIES, Direction, FactorRefreshError, KroneckerFactor, make_factor
 from ..layers import LayerHelper, helper_for
 from ..likelihoods import ALIASES, LIKELIHOODS, get_likelihood
+from ..norms import finite_total, squared_norms, to_floats
 from . import hyper
 
 logger = logging.getLogger("natgrad")
 
 _GROUP_KEYS = ("lr", "momentum", "weight_decay", "damping")
-
-
-def squared_norms(tensors: list[Tensor]) -> list[Tensor]:
-    """``‖t‖²`` per tensor as 0-dim tensors (no sync); float32 or wider accumulation."""
-    out = []
-    for t in tensors:
-        if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
-            flat = t.reshape(-1)
-            out.append(torch.dot(flat, flat))
-        else:
-            out.append(t.float().square().sum())
-    return out
-
-
-def finite_total(values: list[Tensor]) -> bool:
-    """Whether the sum of 0-dim ``values`` is finite (one sync)."""
-    if not values:
-        return True
-    if len({v.dtype for v in values}) > 1:
-        values = [v.double() for v in values]
-    return bool(torch.isfinite(torch.stack(values).sum()))
-
-
-def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of ``tensors`` is finite: one reduction per tensor, one sync.
-
-    A sum of squares is non-finite iff an entry is (or it overflows, which only makes the check
-    conservative)."""
-    return finite_total(squared_norms(tensors))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -341,8 +314,10 @@ class KFAC(torch.optim.Optimizer):
     ) -> None:
         if hp["curvature"] and stats:
             items = []
-            for name, st in stats.items():
-                if not all_finite([st.a, st.g]):
+            sq = to_floats(squared_norms([t for st in stats.values() for t in (st.a, st.g)]))
+            for (name, st), a_sq, g_sq in zip(stats.items(), sq[0::2], sq[1::2]):
+                st.a_sq, st.g_sq = a_sq, g_sq
+                if not (math.isfinite(a_sq) and math.isfinite(g_sq)):
                     self.skipped_curvature_updates += 1
                     warnings.warn(f"natgrad.KFAC: non-finite statistics in layer {name!r} at "
                                   f"step {k}; its factors are left untouched", RuntimeWarning,
