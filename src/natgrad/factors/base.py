@@ -26,13 +26,11 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from ..norms import all_finite
+
 
 class FactorRefreshError(RuntimeError):
     """A decomposition failed in the working precision and in float64; the previous one is kept."""
-
-
-def _finite(t: Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
 
 
 class KroneckerFactor(ABC):
@@ -150,7 +148,7 @@ class KroneckerFactor(ABC):
             except (RuntimeError, ValueError) as err:  # LinAlgError is a RuntimeError
                 last = err
                 continue
-            if all(_finite(v) for v in new.values() if isinstance(v, Tensor)):
+            if all_finite([v for v in new.values() if isinstance(v, Tensor)]):
                 for key, value in new.items():
                     if isinstance(value, Tensor):
                         value = value.to(self.dtype)

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import DenseFactor, FactorRefreshError, KroneckerFactor, _finite
+from ..norms import all_finite
+from .base import DenseFactor, FactorRefreshError, KroneckerFactor
 from .projected import _check_int, _orth_complement, small_eigh
 
 
@@ -173,7 +174,7 @@ class RecursiveFactor(DenseFactor):
         SiY = torch.cholesky_solve(Y, L)  # S⁻¹ Y, (n, d)
         P = torch.addmm(self.P, Y.T, SiY, alpha=-1.0 / keep, beta=1.0 / keep)
         P = 0.5 * (P + P.T)
-        if not _finite(P) or not bool((P.diagonal() > 0).all()):
+        if not all_finite([P]) or not bool((P.diagonal() > 0).all()):
             return None
         return P
 

@@ -28,6 +28,9 @@ class LayerHelper(ABC):
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+        # fixed at construction, like an optimizer's parameter list
+        bias = getattr(module, "bias", None)
+        self._params = [module.weight] if bias is None else [module.weight, bias]
 
     # ---------------------------------------------------------------- support
     @classmethod
@@ -38,15 +41,12 @@ class LayerHelper(ABC):
     # ---------------------------------------------------------------- shapes
     @property
     def has_bias(self) -> bool:
-        return getattr(self.module, "bias", None) is not None
+        return len(self._params) > 1
 
     @property
     def params(self) -> list[nn.Parameter]:
-        """The parameters this helper preconditions, weight first."""
-        ps = [self.module.weight]
-        if self.has_bias:
-            ps.append(self.module.bias)
-        return ps
+        """The parameters this helper preconditions, weight first (as at construction)."""
+        return list(self._params)
 
     @property
     def out_dim(self) -> int:
