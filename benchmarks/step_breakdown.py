@@ -14,7 +14,11 @@ steps of
 The parts inside ``step()`` are timed by wrapping the library functions that do them, so they add
 a few microseconds of wrapper overhead each. Usage::
 
-    python benchmarks/step_breakdown.py [--steps 60] [--threads 2] [--json out.json]
+    python benchmarks/step_breakdown.py [--steps 60] [--threads 2] [--hidden 1024,1024]
+                                        [--json out.json]
+
+With narrow hidden layers (e.g. ``--hidden 192,192``) the arithmetic is small and the table shows
+the fixed per-step cost of the operations themselves (dispatch, Python, small kernels).
 """
 
 from __future__ import annotations
@@ -77,11 +81,14 @@ class Timers:
         return {p: statistics.median(s.get(p, 0.0) for s in self.steps) for p in PARTS}
 
 
-def measure(name: str, options: dict[str, Any], steps: int, warmup: int = 12) -> dict[str, float]:
+def measure(
+    name: str, options: dict[str, Any], steps: int, hidden: tuple[int, ...] = (1024, 1024),
+    warmup: int = 12,
+) -> dict[str, float]:
     train_set, _ = load_dataset("mnist5k")
     x_all, y_all = train_set.x, train_set.y
     torch.manual_seed(0)
-    model = build_model("mlp", train_set.info, (1024, 1024))
+    model = build_model("mlp", train_set.info, hidden)
     opt = make_optimizer(name, model, loss_kind="cross_entropy", **options)
     timers = Timers()
     undo = [
@@ -123,22 +130,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="measured steps (default 60)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--hidden", default="1024,1024",
+                        help="hidden widths of the MLP (default 1024,1024)")
     parser.add_argument("--json", help="also write the medians (seconds) to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = {label: measure(name, opts, args.steps) for label, (name, opts) in
+    hidden = tuple(int(w) for w in args.hidden.split(","))
+    results = {label: measure(name, opts, args.steps, hidden) for label, (name, opts) in
                VARIANTS.items()}
     rows = [[part] + [f"{1e3 * results[v][part]:.2f}" for v in VARIANTS] for part in PARTS]
-    print(f"median ms per step over {args.steps} steps, {args.threads} threads, "
-          f"torch {torch.__version__}")
+    print(f"MLP 784-{'-'.join(map(str, hidden))}-10, batch 128: median ms per step over "
+          f"{args.steps} steps, {args.threads} threads, torch {torch.__version__}")
     print(format_table(["part", *VARIANTS], rows))
     base = results["sgd"]["whole step"]
     print("whole step / SGD: " + ", ".join(
         f"{v} {results[v]['whole step'] / base:.2f}x" for v in VARIANTS))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"steps": args.steps, "threads": args.threads, "median_s": results}, fh,
-                      indent=2)
+            json.dump({"steps": args.steps, "threads": args.threads, "hidden": list(hidden),
+                       "median_s": results}, fh, indent=2)
 
 
 if __name__ == "__main__":
