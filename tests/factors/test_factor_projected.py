@@ -236,3 +236,23 @@ def test_batched_update_equals_one_by_one(dtype, tol, monkeypatch):
             torch.testing.assert_close(fb.U @ fb.U.T, fs.U @ fs.U.T, rtol=tol, atol=tol)
             assert fb.sigma == pytest.approx(fs.sigma, rel=tol, abs=tol)
     assert taken and all(taken)  # the batched path ran (once the ranks were filled)
+
+
+def test_given_squared_norm_equals_computed():
+    """``update(..., sq_norm=‖rows‖²)`` (as the optimizer passes it) is the same update as letting
+    the factor compute the norm, on the single and on the batched path."""
+    from natgrad.factors import FactorUpdate, update_factors
+
+    gen = torch.Generator().manual_seed(3)
+    dims, n = (30, 41), 12
+    given = [ProjectedFactor(d, rank=5, seed=i, dtype=f64) for i, d in enumerate(dims)]
+    computed = [ProjectedFactor(d, rank=5, seed=i, dtype=f64) for i, d in enumerate(dims)]
+    for _ in range(6):
+        rows = [torch.randn(n, d, generator=gen, dtype=f64) for d in dims]
+        update_factors([FactorUpdate(f, x, 1 / n, float((x * x).sum())) for f, x in
+                        zip(given, rows)], 0.9)
+        update_factors([(f, x, 1 / n) for f, x in zip(computed, rows)], 0.9)
+    for a, b in zip(given, computed):
+        assert a.tr == pytest.approx(b.tr, rel=1e-14)
+        torch.testing.assert_close(a.lam, b.lam)
+        torch.testing.assert_close(a.U @ a.U.T, b.U @ b.U.T)

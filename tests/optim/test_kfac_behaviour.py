@@ -165,6 +165,34 @@ def test_non_finite_gradient_skips_the_step_and_leaves_factors():
     assert opt.steps == 4
 
 
+@pytest.mark.parametrize("factors", ["eigh", "projected"])
+def test_non_finite_statistics_skip_that_layers_factors_only(factors):
+    """Finite gradients but non-finite curvature statistics in one layer: that layer's factors
+    stay as they were (and are counted), every other layer's are updated, and the step is taken."""
+    model = _mlp()
+    opt = KFAC(model, lr=0.05, factors=factors, factor_options={"rank": 4} if factors ==
+               "projected" else None)
+    _train(model, opt, _batches(2))
+    state = {n: (A.state_dict(), G.state_dict()) for n, (A, G) in opt.factors.items()}
+    params = [p.detach().clone() for p in model.parameters()]
+    x, y = _batches(1, seed=5)[0]
+    F.cross_entropy(model(x), y).backward()
+    opt._capture._buffers["2"].g[0][3, 1] = float("inf")  # layer "2": the middle Linear
+    with pytest.warns(RuntimeWarning, match="non-finite statistics in layer '2'"):
+        opt.step()
+    assert opt.skipped_curvature_updates == 1 and opt.skipped_steps == 0 and opt.steps == 3
+    assert not all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    for name, (A, G) in opt.factors.items():
+        for f, before in zip((A, G), state[name]):
+            same = f.updates == before["updates"]
+            assert same == (name == "2"), name
+            if name == "2":
+                for key in f.state_keys:
+                    value = getattr(f, key)
+                    assert (torch.equal(value, before[key]) if isinstance(value, torch.Tensor)
+                            else value == before[key])
+
+
 def test_failed_decomposition_keeps_previous_inverse(monkeypatch):
     model = _mlp()
     opt = KFAC(model, lr=0.05, inverse_every=1)
