@@ -21,14 +21,8 @@ def dot(a: Tensor, b: Tensor) -> Tensor:
 
 def squared_norms(tensors: list[Tensor]) -> list[Tensor]:
     """``‖t‖²`` per tensor as 0-dim tensors (no sync); float32 or wider accumulation."""
-    out = []
-    for t in tensors:
-        if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
-            flat = t.reshape(-1)
-            out.append(torch.dot(flat, flat))
-        else:
-            out.append(t.float().square().sum())
-    return out
+    return [dot(t, t) if t.dtype in (torch.float32, torch.float64) else t.float().square().sum()
+            for t in tensors]
 
 
 def to_floats(values: list[Tensor]) -> list[float]:

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from natgrad import KFAC
@@ -19,19 +18,8 @@ def _data(steps: int):
             for _ in range(steps)]
 
 
-def _train(model, opt, batches):
-    losses = []
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.parametrize("factors", ["projected", "recursive"])
-def test_checkpoint_resume_continues_identically(factors):
+def test_checkpoint_resume_continues_identically(factors, train):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 4))
     options = {"rank": 6} if factors == "projected" else {}
@@ -45,17 +33,17 @@ def test_checkpoint_resume_continues_identically(factors):
     else:
         assert set(kinds) == {RecursiveFactor}
     batches = _data(14)
-    first = _train(model, opt, batches[:7])
+    first = train(model, opt, batches[:7])
     assert all(torch.isfinite(torch.tensor(first)))
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
 
-    rest = _train(model, opt, batches[7:])
+    rest = train(model, opt, batches[7:])
     torch.manual_seed(123)  # a different global RNG state must not matter
     clone = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 4))
     clone.load_state_dict(saved_model)
     opt2 = KFAC(clone, **kwargs)
     opt2.load_state_dict(saved_opt)
-    rest2 = _train(clone, opt2, batches[7:])
+    rest2 = train(clone, opt2, batches[7:])
     assert rest == rest2
     for p, q in zip(model.parameters(), clone.parameters()):
         assert torch.equal(p, q)

@@ -25,20 +25,7 @@ def _batches(n: int = 12, seed: int = 1):
             for _ in range(n)]
 
 
-def _train(model, opt, batches, sched=None):
-    losses = []
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(loss.item())
-    return losses
-
-
-def test_preconditioning_off_equals_sgd_with_groups_and_scheduler():
+def test_preconditioning_off_equals_sgd_with_groups_and_scheduler(train):
     m1, m2 = _mlp(), _mlp()
     groups = lambda m: [  # noqa: E731
         {"params": list(m[0].parameters()), "lr": 0.05},
@@ -49,37 +36,37 @@ def test_preconditioning_off_equals_sgd_with_groups_and_scheduler():
     s1 = torch.optim.lr_scheduler.StepLR(sgd, step_size=4, gamma=0.5)
     s2 = torch.optim.lr_scheduler.StepLR(kfac, step_size=4, gamma=0.5)
     batches = _batches()
-    _train(m1, sgd, batches, s1)
-    _train(m2, kfac, batches, s2)
+    train(m1, sgd, batches, s1)
+    train(m2, kfac, batches, s2)
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p1, p2, rtol=0, atol=0)
     assert kfac.param_groups[1]["lr"] == pytest.approx(0.1 * 0.5**3)
 
 
 @pytest.mark.parametrize("factors", ["eigh", "cholesky"])
-def test_checkpoint_round_trip_continues_identically(factors, tmp_path):
+def test_checkpoint_round_trip_continues_identically(factors, tmp_path, train):
     model = _mlp()
     opt = KFAC(model, lr=0.05, factors=factors, inverse_every=3, fisher="mc")
     batches = _batches(10)
-    _train(model, opt, batches[:5])
+    train(model, opt, batches[:5])
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
-    _train(model, opt, batches[5:])
+    train(model, opt, batches[5:])
 
     model2 = _mlp(seed=99)
     opt2 = KFAC(model2, lr=0.05, factors=factors, inverse_every=3, fisher="mc")
     ck = torch.load(tmp_path / "ck.pt", weights_only=False)
     model2.load_state_dict(ck["model"])
     opt2.load_state_dict(ck["opt"])
-    _train(model2, opt2, batches[5:])
+    train(model2, opt2, batches[5:])
     for p1, p2 in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(p1, p2, rtol=0, atol=0)
     assert opt2.steps == opt.steps == 10
 
 
-def test_load_state_dict_rejects_other_strategy_without_changing_state():
+def test_load_state_dict_rejects_other_strategy_without_changing_state(train):
     model = _mlp()
     opt = KFAC(model, factors="eigh")
-    _train(model, opt, _batches(2))
+    train(model, opt, _batches(2))
     other = KFAC(_mlp(), factors="cholesky")
     before = copy.deepcopy(other.state_dict())
     with pytest.raises(ValueError, match="cholesky"):
@@ -87,21 +74,21 @@ def test_load_state_dict_rejects_other_strategy_without_changing_state():
     assert other.steps == before["natgrad"]["steps"]
 
 
-def test_scheduler_and_callable_hyperparameters():
+def test_scheduler_and_callable_hyperparameters(train):
     model = _mlp()
     opt = KFAC(model, lr=0.1, damping=lambda k: 1e-2 if k < 3 else 1e-3,
                inverse_every=lambda k: 1 if k < 3 else 5)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
-    losses = _train(model, opt, _batches(8), sched)
+    losses = train(model, opt, _batches(8), sched)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.9**8)
 
 
-def test_kfac_decreases_the_loss_faster_than_its_own_sgd_twin():
+def test_kfac_decreases_the_loss_faster_than_its_own_sgd_twin(train):
     batches = _batches(1, seed=3) * 30
     m1, m2 = _mlp(), _mlp()
-    sgd_loss = _train(m1, KFAC(m1, lr=0.05, precondition=False), batches)[-1]
-    kfac_loss = _train(m2, KFAC(m2, lr=0.05), batches)[-1]
+    sgd_loss = train(m1, KFAC(m1, lr=0.05, precondition=False), batches)[-1]
+    kfac_loss = train(m2, KFAC(m2, lr=0.05), batches)[-1]
     assert kfac_loss < sgd_loss
 
 
@@ -145,10 +132,10 @@ def test_callable_returning_invalid_value_raises_before_any_change():
     assert all(f.updates == 0 for pair in opt.factors.values() for f in pair)
 
 
-def test_non_finite_gradient_skips_the_step_and_leaves_factors():
+def test_non_finite_gradient_skips_the_step_and_leaves_factors(train):
     model = _mlp()
     opt = KFAC(model, lr=0.05)
-    _train(model, opt, _batches(2))
+    train(model, opt, _batches(2))
     factors = {n: (A.to_dense().clone(), G.to_dense().clone()) for n, (A, G) in opt.factors.items()}
     params = [p.detach().clone() for p in model.parameters()]
     x, y = _batches(1, seed=5)[0]
@@ -161,18 +148,18 @@ def test_non_finite_gradient_skips_the_step_and_leaves_factors():
     for n, (A, G) in opt.factors.items():
         assert torch.equal(A.to_dense(), factors[n][0]) and torch.equal(G.to_dense(), factors[n][1])
     # training continues normally afterwards
-    _train(model, opt, _batches(2, seed=6))
+    train(model, opt, _batches(2, seed=6))
     assert opt.steps == 4
 
 
 @pytest.mark.parametrize("factors", ["eigh", "projected"])
-def test_non_finite_statistics_skip_that_layers_factors_only(factors):
+def test_non_finite_statistics_skip_that_layers_factors_only(factors, train):
     """Finite gradients but non-finite curvature statistics in one layer: that layer's factors
     stay as they were (and are counted), every other layer's are updated, and the step is taken."""
     model = _mlp()
     opt = KFAC(model, lr=0.05, factors=factors, factor_options={"rank": 4} if factors ==
                "projected" else None)
-    _train(model, opt, _batches(2))
+    train(model, opt, _batches(2))
     state = {n: (A.state_dict(), G.state_dict()) for n, (A, G) in opt.factors.items()}
     params = [p.detach().clone() for p in model.parameters()]
     x, y = _batches(1, seed=5)[0]
@@ -193,10 +180,10 @@ def test_non_finite_statistics_skip_that_layers_factors_only(factors):
                             else value == before[key])
 
 
-def test_failed_decomposition_keeps_previous_inverse(monkeypatch):
+def test_failed_decomposition_keeps_previous_inverse(monkeypatch, train):
     model = _mlp()
     opt = KFAC(model, lr=0.05, inverse_every=1)
-    _train(model, opt, _batches(2))
+    train(model, opt, _batches(2))
     Q = {n: A.Q.clone() for n, (A, _) in opt.factors.items()}
 
     def broken(*args, **kwargs):
@@ -205,7 +192,7 @@ def test_failed_decomposition_keeps_previous_inverse(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _train(model, opt, _batches(1, seed=7))
+        train(model, opt, _batches(1, seed=7))
     assert opt.failed_refreshes == len(opt.factors)
     assert any("keeping the previous" in str(w.message) for w in caught)
     for n, (A, _) in opt.factors.items():
@@ -236,10 +223,10 @@ def test_eval_mode_and_no_grad_forwards_collect_nothing():
     assert opt._capture.collect() == {}
 
 
-def test_curvature_every_only_collects_on_curvature_steps():
+def test_curvature_every_only_collects_on_curvature_steps(train):
     model = _mlp()
     opt = KFAC(model, curvature_every=3, inverse_every=3)
-    _train(model, opt, _batches(7))
+    train(model, opt, _batches(7))
     assert all(A.updates == 3 for A, _ in opt.factors.values())  # steps 0, 3, 6
 
 
