@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ..norms import all_finite
 from .base import DenseFactor, FactorRefreshError, KroneckerFactor
-from .projected import _check_int, _orth_complement, small_eigh
+from .projected import _check_int, _orth_complement, gaussian_sketch, small_eigh, update_generator
 
 
 class RecursiveFactor(DenseFactor):
@@ -117,18 +117,14 @@ class RecursiveFactor(DenseFactor):
         #: exact refreshes done (initial, damping drift, guards); for diagnostics
         self.exact_refreshes = 0
 
-    def _generator(self) -> torch.Generator:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.seed * 1_000_003 + self.updates)
-        return gen
-
     # ------------------------------------------------------------------ statistics
     def _project(self, rows: Tensor, gen: torch.Generator) -> Tensor:
         """``k`` rows ``L`` with ``Lᵀ L = Z Zᵀ Xᵀ X Z Zᵀ`` for a random rank-``k`` range ``Z``."""
         k = self.sketch_size
         assert k is not None
         omega = torch.randn(rows.shape[0], k, generator=gen, device=self.device, dtype=self.dtype)
-        Z = _orth_complement(rows.T @ omega, rows[:0].T, 100.0 * torch.finfo(self.dtype).eps)
+        tol = 100.0 * torch.finfo(self.dtype).eps
+        Z = _orth_complement(gaussian_sketch(rows, omega), rows[:0].T, tol)
         B = rows @ Z  # (n, k')
         C = (B.T @ B).double()
         s, W = small_eigh(0.5 * (C + C.T))
@@ -138,7 +134,7 @@ class RecursiveFactor(DenseFactor):
     def _update(
         self, rows: Tensor, new_weight: float, keep: float, sq_norm: float | None = None
     ) -> None:
-        gen = self._generator()
+        gen = update_generator(self)
         if self.sketch_size is not None and rows.shape[0] > self.sketch_size:
             rows = self._project(rows, gen)
         super()._update(rows, new_weight, keep)  # F ← keep·F + w·XᵀX (exact)
@@ -182,7 +178,7 @@ class RecursiveFactor(DenseFactor):
         """``max ‖(F + δ_eff I) P z − z‖ / ‖z‖`` over :attr:`probes` Gaussian probes ``z``."""
         if self.probes == 0:
             return 0.0
-        gen = gen or self._generator()
+        gen = gen or update_generator(self)
         z = torch.randn(self.dim, self.probes, generator=gen, device=self.device, dtype=self.dtype)
         Pz = self.P @ z
         r = self.F @ Pz + self.damping * Pz - z
