@@ -17,8 +17,10 @@ a few microseconds of wrapper overhead each. Usage::
     python benchmarks/step_breakdown.py [--steps 60] [--threads 2] [--hidden 1024,1024]
                                         [--json out.json]
 
-With narrow hidden layers (e.g. ``--hidden 192,192``) the arithmetic is small and the table shows
-the fixed per-step cost of the operations themselves (dispatch, Python, small kernels).
+With narrow hidden layers (e.g. ``--hidden 192,192``) the products shrink and the table shows the
+cost that does not scale with the hidden width: dispatch, Python, small kernels, and the batched
+refresh, which pads every projected factor to the widest one (the first layer's 785 inputs).
+``benchmarks/every_step_floor.py`` prices the every-step arithmetic without the library around it.
 """
 
 from __future__ import annotations
