@@ -35,6 +35,11 @@ from torch import Tensor, nn
 from .layers import LayerHelper
 from .likelihoods import Likelihood
 
+try:  # the autograd edge of a tensor, immune to later in-place changes of the tensor (torch ≥ 2.2)
+    from torch.autograd.graph import get_gradient_edge
+except ImportError:  # pragma: no cover - older torch: protect the output with a copy instead
+    get_gradient_edge = None
+
 FISHER_TYPES = ("mc", "empirical", "exact")
 
 
@@ -84,7 +89,7 @@ class CurvatureCapture:
         self.fisher = fisher
         self.generator = generator
         self._buffers: dict[str, _Buffer] = {name: _Buffer() for name in layers}
-        self._pending: dict[str, Tensor] = {}
+        self._pending: dict[str, Any] = {}  # name -> output or its gradient edge
         self._handles: list[Any] = []
         self._active = False
         self._removed = False
@@ -122,6 +127,11 @@ class CurvatureCapture:
             buf.a.append(helper.input_rows(x))
             buf.samples += m
             buf.locations = helper.locations(output)
+            if self.fisher != "empirical" and get_gradient_edge is not None:
+                # the backward to the layer outputs targets this graph edge, which later in-place
+                # ops (e.g. ReLU(inplace=True)) cannot redirect: no copy of the output needed
+                self._pending[name] = get_gradient_edge(output)
+                return None
             if self.fisher == "empirical":
 
                 def grad_hook(grad: Tensor) -> None:
