@@ -104,6 +104,9 @@ def test_energy_mode_picks_the_rank_per_layer():
                  + 1e-3 * torch.randn(12, d, generator=gen, dtype=f64), 1 / 12, 0.9)
     assert f.current_rank == 3
     assert "energy=0.999" in f.describe()
+    assert f.state_summary() == "rank now 3"
+    fixed = ProjectedFactor(d, rank=3, dtype=f64)
+    assert fixed.state_summary() == ""  # nothing chosen at run time
 
 
 def test_inv_matmul_closed_form_and_describe():

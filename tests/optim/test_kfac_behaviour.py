@@ -211,6 +211,22 @@ def test_registration_summary_lists_layers_and_plain_parameters():
     assert set(opt.layers) == {"1", "3"}
 
 
+def test_registration_summary_reports_ranks_chosen_from_the_energy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 3))
+    opt = KFAC(model, factors="projected", factor_options={"energy": 0.5, "max_rank": 8})
+    assert "energy=0.5, r<=8)  G:" in opt.registration_summary  # nothing chosen yet
+    x, y = torch.randn(16, 30), torch.randint(0, 3, (16,))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    A, G = opt.factors["0"]
+    assert 1 <= A.current_rank <= 8
+    assert f"A: projected(d=31, energy=0.5, r<=8) [rank now {A.current_rank}]" in (
+        opt.registration_summary)
+
+
 def test_eval_mode_and_no_grad_forwards_collect_nothing():
     model = _mlp()
     opt = KFAC(model)

@@ -223,6 +223,11 @@ class KroneckerFactor(ABC):
         """A short label for summaries, e.g. ``eigh(d=785)``."""
         return f"{self.name}(d={self.dim})"
 
+    def state_summary(self) -> str:
+        """What changed at run time and is worth reporting beside :meth:`describe` (e.g. a rank
+        chosen from the data), or ``""``. Unlike :meth:`describe` it may differ between steps."""
+        return ""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, updates={self.updates})"
 

@@ -472,6 +472,12 @@ class ProjectedFactor(KroneckerFactor):
         """Number of eigenpairs currently kept."""
         return int(self.U.shape[1])
 
+    def state_summary(self) -> str:
+        """``"rank now k"`` once updated, if the rank is chosen from the energy or not yet full."""
+        if self.updates == 0 or (self.energy is None and self.current_rank == self.rank_cap):
+            return ""
+        return f"rank now {self.current_rank}"
+
     def describe(self) -> str:
         if self.energy is not None:
             return f"projected(d={self.dim}, energy={self.energy:g}, r<={self.rank_cap})"

@@ -202,13 +202,19 @@ class KFAC(torch.optim.Optimizer):
     # ------------------------------------------------------------------ reporting
     @property
     def registration_summary(self) -> str:
-        """Which layers are preconditioned (factor sizes, strategy) and which parameters are not."""
+        """Which layers are preconditioned (factor sizes, strategy, and what was chosen at run time
+        such as the ranks of energy-mode projected factors) and which parameters are not."""
         lines = [f"K-FAC ({self.strategy} factors, fisher={self.fisher}, loss={self.loss}):"]
+
+        def label(f: KroneckerFactor) -> str:
+            state = f.state_summary()
+            return f"{f.describe()} [{state}]" if state else f.describe()
+
         for name, helper in self.layers.items():
             A, G = self.factors[name]
             lines.append(
                 f"  preconditioned  {name or '<model>'} [{helper.kind}] "
-                f"A: {A.describe()}  G: {G.describe()}"
+                f"A: {label(A)}  G: {label(G)}"
             )
         for name, reason in self._skipped_layers.items():
             lines.append(f"  plain step      {name} ({reason})")
