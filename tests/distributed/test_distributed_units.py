@@ -19,7 +19,7 @@ from natgrad.distributed import (
     update_factor,
 )
 from natgrad.distributed.assignment import loads
-from natgrad.distributed.statistics import _triu_pack, _triu_unpack, choose_mode, supports_moment
+from natgrad.distributed.statistics import _triu_pack, _triu_unpack, choose_mode
 from natgrad.factors import make_factor
 
 
@@ -80,7 +80,7 @@ def test_moment_update_equals_row_update(strategy):
     rows = [torch.randn(7, 5, dtype=torch.float64) for _ in range(3)]
     a = make_factor(strategy, 5, dtype=torch.float64)
     b = make_factor(strategy, 5, dtype=torch.float64)
-    assert supports_moment(a)
+    assert a.supports_moment
     for X in rows:
         a.update(X, 1 / 7, 0.9)
         S = _triu_unpack(_triu_pack(X.T @ X), 5)
@@ -94,7 +94,7 @@ def test_mode_choice():
     assert choose_mode("auto", dense, 500) == "reduce"
     assert choose_mode("auto", dense, 50) == "gather"
     assert choose_mode("reduce", proj, 500) == "gather"  # row-based strategies need rows
-    assert not supports_moment(proj) and not supports_moment(make_factor("recursive", 10))
+    assert not proj.supports_moment and not make_factor("recursive", 10).supports_moment
     with pytest.raises(TypeError, match="projected"):
         update_factor(proj, torch.eye(100), 1.0, 0.9, moment=True)
     assert proj.updates == 0

@@ -47,7 +47,6 @@ from .statistics import (
     STAT_MODES,
     GlobalStatistics,
     reduce_statistics,
-    supports_moment,
     update_factor,
 )
 
@@ -158,7 +157,7 @@ class DistributedKFAC(SingleProcess):
         self.costs = {n: factor_cost(A) + factor_cost(G) for n, (A, G) in kfac.factors.items()}
         self.owner = assign_lpt(list(self.costs.items()), self.world_size)
         for name, (A, G) in kfac.factors.items():
-            dense = supports_moment(A) and supports_moment(G)
+            dense = A.supports_moment and G.supports_moment
             opt = self.owner_update_option
             self.owner_updates[name] = (not dense) if opt is None else bool(opt)
         if self.rank > 0:  # independent Monte-Carlo labels per rank

@@ -48,11 +48,6 @@ class GlobalStatistics(Statistics):
     g_moment: bool = False
 
 
-def supports_moment(factor: KroneckerFactor) -> bool:
-    """The factor can be updated from a dense moment ``XᵀX`` instead of rows."""
-    return factor.supports_moment
-
-
 def update_factor(
     factor: KroneckerFactor, data: Tensor, scale: float, decay: float, moment: bool
 ) -> None:
@@ -78,7 +73,7 @@ def _triu_unpack(v: Tensor, d: int) -> Tensor:
 
 def choose_mode(mode: str, factor: KroneckerFactor, total_rows: int) -> str:
     """``"gather"`` or ``"reduce"`` for one factor this step (see the module docstring)."""
-    if mode == "gather" or not supports_moment(factor):
+    if mode == "gather" or not factor.supports_moment:
         return "gather"
     if mode == "reduce":
         return "reduce"
