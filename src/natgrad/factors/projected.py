@@ -95,22 +95,24 @@ def _orth_complement(Y: Tensor, U: Tensor, tol: float) -> Tensor:
     Returns:
         ``(d, k')`` with ``k' ≤ k`` orthonormal columns orthogonal to ``U``.
     """
-    ref = float((Y * Y).sum())
-    if ref == 0.0:
+    ref = (Y * Y).sum().double()
+    if float(ref) == 0.0:
         return Y[:, :0]
-    Q = _cholesky_qr2(Y, U, tol)
-    return Q if Q is not None else _eigh_orth(Y, U, tol, ref)
+    Q = _cholesky_qr2(Y, U, tol, ref)
+    return Q if Q is not None else _eigh_orth(Y, U, tol, float(ref))
 
 
-def _cholesky_qr2(Y: Tensor, U: Tensor, tol: float) -> Tensor | None:
+def _cholesky_qr2(Y: Tensor, U: Tensor, tol: float, ref: Tensor | None = None) -> Tensor | None:
     """Gram–Schmidt against ``U`` and a Cholesky QR of the remaining block, both done twice ("twice
     is enough"; ``O(d k (r + k))`` and a ``k × k`` Cholesky), for ``(d, k)`` or batched
     ``(b, d, k)`` blocks.
 
     Returns ``None`` when a block is close to rank deficient: a squared Cholesky pivot at or below
-    ``tol · ‖Y‖_F²`` (Cholesky QR would lose orthogonality there).
+    ``tol · ‖Y‖_F²`` (Cholesky QR would lose orthogonality there). ``ref``: ``‖Y‖_F²`` per block
+    (float64) if the caller has it.
     """
-    ref = (Y * Y).sum((-2, -1)).double()
+    if ref is None:
+        ref = (Y * Y).sum((-2, -1)).double()
     Q = _project_out(Y, U)
     L, info = torch.linalg.cholesky_ex((Q.mT @ Q).double())
     pivots = L.diagonal(dim1=-2, dim2=-1).amin(-1)
