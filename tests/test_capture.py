@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from natgrad.capture import FISHER_TYPES, CurvatureCapture
+from natgrad.curvature import FISHER_TYPES, CurvatureCapture
 from natgrad.layers import helper_for
 from natgrad.likelihoods import get_likelihood
 

@@ -6,9 +6,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from natgrad.cli.main import main
+from natgrad.experiments.train import TrainConfig, train
 from natgrad.fisher import ExactFisher, exact_trace
 from natgrad.fisher.tracking import curvature_callback
-from natgrad.train import TrainConfig, train
 
 
 def test_curvature_callback_records_trace_and_top(tiny_mlp):

@@ -164,7 +164,9 @@ def test_non_finite_statistics_skip_that_layers_factors_only(factors, train):
     params = [p.detach().clone() for p in model.parameters()]
     x, y = _batches(1, seed=5)[0]
     F.cross_entropy(model(x), y).backward()
-    opt._capture._buffers["2"].g[0][3, 1] = float("inf")  # layer "2": the middle Linear
+    # layer "2" (the middle Linear): corrupt its captured output-gradient rows
+    record = next(r for p in opt._capture._passes for r in p.records if r.name == "2")
+    record.g[0][3, 1] = float("inf")
     with pytest.warns(RuntimeWarning, match="non-finite statistics in layer '2'"):
         opt.step()
     assert opt.skipped_curvature_updates == 1 and opt.skipped_steps == 0 and opt.steps == 3

@@ -31,11 +31,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..factors import KroneckerFactor, make_factor, precondition
-from ..factors.projected import ProjectedFactor
+from ..factors import STRATEGIES, KroneckerFactor, get_strategy, precondition
 from ..report import format_table, save_figure, write_json
 
-STRATEGY_NAMES = ("eigh", "cholesky", "recursive", "projected")
+
+def strategy_names() -> tuple[str, ...]:
+    """Every registered factor strategy (the default of :attr:`ScalingConfig.strategies`)."""
+    return tuple(STRATEGIES)
+
+
+def takes_rank(strategy: str) -> bool:
+    """Whether a strategy has a ``rank`` option (it is then measured at each of the ranks)."""
+    return "rank" in get_strategy(strategy).Options.names()
 
 
 @dataclass
@@ -61,7 +68,7 @@ class ScalingConfig:
 
     widths: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
     ranks: tuple[int, ...] = (32, 64)
-    strategies: tuple[str, ...] = STRATEGY_NAMES
+    strategies: tuple[str, ...] = field(default_factory=strategy_names)
     batch: int = 128
     repeats: int = 5
     slow_s: float = 1.0
@@ -82,8 +89,7 @@ class ScalingConfig:
             if not values or any(isinstance(v, bool) or int(v) != v or v < 1 for v in values):
                 raise ValueError(f"{name} must be positive integers, got {values!r}")
         for s in self.strategies:
-            if s not in STRATEGY_NAMES:
-                raise ValueError(f"unknown strategy {s!r}; accepted: {', '.join(STRATEGY_NAMES)}")
+            get_strategy(s)  # ValueError naming the accepted strategies
         if not self.strategies:
             raise ValueError("no strategy given")
         for name in ("batch", "repeats", "slow_repeats"):
@@ -116,9 +122,10 @@ class _Case:
 
 
 def _make(strategy: str, d: int, rank: int | None, dtype: torch.dtype) -> KroneckerFactor:
-    if strategy == "projected":
-        return ProjectedFactor(d, rank=min(rank or 64, d), dtype=dtype)  # projected even if d ≤ r
-    return make_factor(strategy, d, dtype=dtype)
+    """The strategy's own class (not ``create``: a projected factor stays projected even when
+    ``d ≤ r``), at ``rank`` for strategies that take one, defaults otherwise."""
+    options = {"rank": min(rank, d)} if rank is not None else {}
+    return get_strategy(strategy)(d, options, dtype=dtype)
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -134,7 +141,7 @@ def _cases(cfg: ScalingConfig, d: int, dtype: torch.dtype, gen: torch.Generator)
     rows_g = [torch.randn(cfg.batch, d, generator=gen).to(dtype) for _ in range(n_rows)]
     V = torch.randn(d, d, generator=gen).to(dtype)
     for s in cfg.strategies:
-        for rank in (cfg.ranks if s == "projected" else (None,)):
+        for rank in (cfg.ranks if takes_rank(s) else (None,)):
             A, G = _make(s, d, rank, dtype), _make(s, d, rank, dtype)
             cases.append(_Case(s, d, rank, A, G, rows_a, rows_g, V))
     return cases
@@ -195,8 +202,8 @@ def run_scaling(cfg: ScalingConfig, out: str | Path | None = None,
         torch.set_num_threads(cfg.threads)
     dtype = getattr(torch, cfg.dtype)
     gen = torch.Generator().manual_seed(cfg.seed)
-    n_cases = len(cfg.widths) * (len(cfg.strategies) - 1 + len(cfg.ranks)
-                                 if "projected" in cfg.strategies else len(cfg.strategies))
+    n_cases = len(cfg.widths) * sum(len(cfg.ranks) if takes_rank(s) else 1
+                                    for s in cfg.strategies)
     results: list[dict[str, Any]] = []
     load_before = _load()
     bar = tqdm(total=n_cases * cfg.repeats, desc="bench scaling", disable=not progress,
@@ -255,10 +262,11 @@ def run_scaling(cfg: ScalingConfig, out: str | Path | None = None,
         slopes[key] = _slope([r["width"] for r in rows], [r["update_time_s"] for r in rows])
         slopes_min[key] = _slope([r["width"] for r in rows],
                                  [r["update_time_min_s"] for r in rows])
-    if "projected" in cfg.strategies:
-        main_rank = 64 if 64 in cfg.ranks else max(cfg.ranks)
-        slopes["projected"] = slopes[f"projected_r{main_rank}"]
-        slopes_min["projected"] = slopes_min[f"projected_r{main_rank}"]
+    main_rank = 64 if 64 in cfg.ranks else max(cfg.ranks)
+    for s in cfg.strategies:
+        if takes_rank(s):  # the strategy's headline curve: rank 64, or the largest measured
+            slopes[s] = slopes[f"{s}_r{main_rank}"]
+            slopes_min[s] = slopes_min[f"{s}_r{main_rank}"]
 
     doc = {
         "config": {

@@ -23,14 +23,20 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from ..data import load_dataset
+from ..experiments.train import TrainConfig, evaluate, train
+from ..factors import ProjectedOptions, get_strategy
 from ..models import build_model
 from ..optim.kfac import KFAC
+from ..optim.registry import OPTIMIZERS
 from ..report import format_table, write_json
-from ..train import TrainConfig, evaluate, train
 
-#: optimizer name → factor strategy
-VARIANTS = {"kfac": "eigh", "rkfac": "recursive", "pkfac": "projected"}
+DEFAULT_VARIANTS = ("kfac", "rkfac", "pkfac")
 DEFAULT_DAMPINGS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+def variants() -> dict[str, str]:
+    """Optimizer name → factor strategy, for every K-FAC optimizer of the registry."""
+    return {name: spec.strategy for name, spec in OPTIMIZERS.items() if spec.strategy}
 
 
 @dataclass
@@ -38,7 +44,7 @@ class StabilityConfig:
     """Settings of :func:`run_stability`.
 
     Attributes:
-        optimizers: names from :data:`VARIANTS`.
+        optimizers: K-FAC optimizer names of the registry (:func:`variants`).
         dampings: Tikhonov dampings λ.
         seeds: seeds (initial weights and batch order).
         epochs: epochs per run.
@@ -51,13 +57,13 @@ class StabilityConfig:
         threads: ``torch.set_num_threads`` (``None``: leave as is).
     """
 
-    optimizers: tuple[str, ...] = tuple(VARIANTS)
+    optimizers: tuple[str, ...] = DEFAULT_VARIANTS
     dampings: tuple[float, ...] = DEFAULT_DAMPINGS
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 1
     batch_size: int = 128
     lr: float = 0.05
-    rank: int = 64
+    rank: int = ProjectedOptions.rank
     hidden: tuple[int, ...] = (256, 128)
     divergence_factor: float = 1.5
     limit_train: int | None = None
@@ -65,9 +71,10 @@ class StabilityConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        known = variants()
         for name in self.optimizers:
-            if name not in VARIANTS:
-                raise ValueError(f"unknown optimizer {name!r}; accepted: {', '.join(VARIANTS)}")
+            if name not in known:
+                raise ValueError(f"unknown optimizer {name!r}; accepted: {', '.join(known)}")
         if not self.optimizers or not self.dampings or not self.seeds:
             raise ValueError("optimizers, dampings and seeds must not be empty")
         if any(not (math.isfinite(d) and d > 0) for d in self.dampings):
@@ -116,8 +123,10 @@ def run_stability(cfg: StabilityConfig, out: str | Path | None = None,
             initial[seed] = (model0, loss0)
         model0, loss0 = initial[seed]
         model = copy.deepcopy(model0)
-        options = {"rank": cfg.rank} if VARIANTS[name] == "projected" else {}
-        opt = KFAC(model, lr=cfg.lr, factors=VARIANTS[name], damping=damping,
+        strategy = variants()[name]
+        takes_rank = "rank" in get_strategy(strategy).Options.names()
+        options = {"rank": cfg.rank} if takes_rank else {}
+        opt = KFAC(model, lr=cfg.lr, factors=strategy, damping=damping,
                    factor_options=options, factor_dtype=torch.float32, seed=seed)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -132,7 +141,7 @@ def run_stability(cfg: StabilityConfig, out: str | Path | None = None,
                     or final_loss > cfg.divergence_factor * loss0)
         results.append({
             "optimizer": name,
-            "factors": VARIANTS[name],
+            "factors": strategy,
             "damping": damping,
             "seed": seed,
             "diverged": bool(diverged),

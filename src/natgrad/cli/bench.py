@@ -13,8 +13,6 @@ from .common import UsageError, parse_names, split_list
 DEFAULT_WIDTHS = "256,512,1024,2048,4096"
 DEFAULT_RANKS = "32,64"
 DEFAULT_DAMPINGS = "1e-1,1e-2,1e-3,1e-4,1e-5,1e-6"
-STRATEGIES = ("eigh", "cholesky", "recursive", "projected")
-VARIANTS = ("kfac", "rkfac", "pkfac")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,8 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help=f"layer widths (default {DEFAULT_WIDTHS})")
     s.add_argument("--ranks", default=DEFAULT_RANKS, metavar="R1,R2,...",
                    help=f"ranks of the projected strategy (default {DEFAULT_RANKS})")
-    s.add_argument("--strategies", default=",".join(STRATEGIES), metavar="S1,S2,...",
-                   help=f"factor strategies (default {','.join(STRATEGIES)})")
+    s.add_argument("--strategies", metavar="S1,S2,...",
+                   help="factor strategies (default: every registered one)")
     s.add_argument("--batch", type=int, default=128, help="rows of the statistics (default 128)")
     s.add_argument("--repeats", type=int, default=5,
                    help="timed repeats, median reported (default 5; 2 for configurations "
@@ -46,15 +44,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     t = sub.add_parser("stability", help="divergence of float32 K-FAC variants over dampings",
                        description="Train the MLP on the embedded MNIST sample with kfac, rkfac "
                        "and pkfac over dampings x seeds; count diverged runs.")
-    t.add_argument("--optimizers", default=",".join(VARIANTS), metavar="A,B,...",
-                   help=f"from {', '.join(VARIANTS)} (default all)")
+    t.add_argument("--optimizers", metavar="A,B,...",
+                   help="K-FAC optimizers of the registry (default: kfac,rkfac,pkfac)")
     t.add_argument("--dampings", default=DEFAULT_DAMPINGS, metavar="D1,D2,...",
                    help=f"dampings (default {DEFAULT_DAMPINGS})")
     t.add_argument("--seeds", default="0,1,2", metavar="S1,S2,...", help="seeds (default 0,1,2)")
     t.add_argument("--epochs", type=int, default=1, help="epochs per run (default 1)")
     t.add_argument("--batch-size", type=int, default=128, help="default 128")
     t.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
-    t.add_argument("--rank", type=int, default=64, help="rank of pkfac's factors (default 64)")
+    t.add_argument("--rank", type=int, default=None,
+                   help="rank of pkfac's factors (default: the projected strategy's, 24)")
     t.add_argument("--divergence-factor", type=float, default=1.5,
                    help="diverged if final train loss > this x initial (default 1.5)")
     t.add_argument("--limit-train", type=int, metavar="N", help="first N training samples only")
@@ -98,13 +97,14 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 def run_scaling_cmd(args: argparse.Namespace) -> int:
     """Validate, measure, print the table, write ``scaling.json`` and ``scaling.png``."""
-    from ..bench.scaling import ScalingConfig, format_scaling, run_scaling
+    from ..bench.scaling import ScalingConfig, format_scaling, run_scaling, strategy_names
 
     _positive(args, "batch", "repeats", "threads")
+    names = strategy_names()
     cfg = ScalingConfig(
         widths=_ints(args.widths, "--widths"),
         ranks=_ints(args.ranks, "--ranks"),
-        strategies=tuple(parse_names(args.strategies, STRATEGIES, "strategy")),
+        strategies=tuple(parse_names(args.strategies or ",".join(names), names, "strategy")),
         batch=args.batch,
         repeats=args.repeats,
         dtype=args.dtype,
@@ -118,24 +118,32 @@ def run_scaling_cmd(args: argparse.Namespace) -> int:
 
 def run_stability_cmd(args: argparse.Namespace) -> int:
     """Validate, train every run, print the table, write ``stability.json``."""
-    from ..bench.stability import StabilityConfig, format_stability, run_stability
+    from ..bench.stability import (
+        DEFAULT_VARIANTS,
+        StabilityConfig,
+        format_stability,
+        run_stability,
+        variants,
+    )
 
     _positive(args, "epochs", "batch_size", "lr", "rank", "divergence_factor", "limit_train",
               "limit_test", "threads")
     if not math.isfinite(args.lr) or not math.isfinite(args.divergence_factor):
         raise UsageError("--lr and --divergence-factor must be finite")
+    rank = {} if args.rank is None else {"rank": args.rank}
     cfg = StabilityConfig(
-        optimizers=tuple(parse_names(args.optimizers, VARIANTS, "optimizer")),
+        optimizers=tuple(parse_names(args.optimizers or ",".join(DEFAULT_VARIANTS),
+                                     variants(), "optimizer")),
         dampings=_floats(args.dampings, "--dampings"),
         seeds=_ints(args.seeds, "--seeds", low=0),
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        rank=args.rank,
         divergence_factor=args.divergence_factor,
         limit_train=args.limit_train,
         limit_test=args.limit_test,
         threads=args.threads,
+        **rank,
     )
     doc = run_stability(cfg, args.out, progress=not args.no_progress)
     print(format_stability(doc))

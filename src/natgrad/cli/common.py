@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -69,3 +73,32 @@ def parse_lrs(items: Sequence[str] | None, names: Sequence[str]) -> dict[str, fl
                 )
             lrs[name] = lr
     return lrs
+
+
+def check_output_dir(path: str | Path, flag: str) -> None:
+    """``UsageError`` unless ``path`` is (or can be created as) a writable directory: checked
+    before any work, so a bad ``--out`` is not found after training. Creates nothing."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise UsageError(f"{flag} {path}: exists and is not a directory")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {path}: directory is not writable")
+        return
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot be created ({parent} is not a writable "
+                         "directory)")
+
+
+def config_error(exc: ValueError, config_type: type) -> UsageError:
+    """A settings dataclass's ``ValueError`` as a usage error, its leading field name written as
+    the flag (``epochs must be ...`` → ``--epochs must be ...``)."""
+    message = str(exc)
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    match = re.match(r"([a-z_]+)\b", message)
+    if match and match.group(1) in fields:
+        message = "--" + match.group(1).replace("_", "-") + message[match.end():]
+    return UsageError(message)

@@ -1,53 +1,21 @@
 """Assigning the expensive per-layer work (factor refreshes / updates) to ranks by estimated cost.
 
-The cost model is a table keyed by strategy name (one entry per strategy, like the strategies
-themselves); unknown strategies fall back to the dense ``d³``. Work is assigned with greedy
-longest-processing-time (LPT): layers in decreasing cost, each to the currently least-loaded rank.
-LPT is within 4/3 of the optimal makespan and, being deterministic, gives the same answer on every
-rank without communication.
+The cost of a layer is what its curvature block says (:meth:`CurvatureBlock.cost`, the sum of
+its factors' :meth:`KroneckerFactor.cost`): every strategy owns its estimate, so a new strategy
+needs no entry here. Work is assigned with greedy longest-processing-time (LPT): layers in
+decreasing cost, each to the currently least-loaded rank. LPT is within 4/3 of the optimal
+makespan and, being deterministic, gives the same answer on every rank without communication.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
-
-#: ``cost(dim, factor) -> float`` per strategy name (relative flop counts, not seconds)
-CostModel = Callable[[int, Any], float]
-
-
-def _int_attr(factor: Any, names: tuple[str, ...], default: int) -> int:
-    for attr in names:
-        value = getattr(factor, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return default
-
-
-def _projected(dim: int, factor: Any) -> float:
-    r = min(_int_attr(factor, ("rank_cap", "rank"), 64), dim)
-    k = _int_attr(factor, ("sketch_size",), max(1, r // 2))
-    return float(dim) * (r + k) ** 2  # Rayleigh–Ritz on orth([U, X]), linear in d
-
-
-def _recursive(dim: int, factor: Any) -> float:
-    k = _int_attr(factor, ("sketch_size",), dim)
-    return float(dim) ** 2 * min(k, dim)  # Woodbury, O(d² k); exact refreshes amortised
-
-
-COSTS: dict[str, CostModel] = {
-    "eigh": lambda d, f: float(d) ** 3,
-    "cholesky": lambda d, f: float(d) ** 3 / 3.0,
-    "projected": _projected,
-    "recursive": _recursive,
-}
 
 
 def factor_cost(factor: Any) -> float:
     """Estimated cost of refreshing (and, for row-based strategies, updating) one factor."""
-    dim = int(factor.dim)
-    model = COSTS.get(getattr(factor, "name", ""), lambda d, f: float(d) ** 3)
-    return model(dim, factor)
+    return float(factor.cost())
 
 
 def assign_lpt(

@@ -21,31 +21,23 @@ all-gather run concurrently (``async_op=True``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..capture import Statistics
+from ..curvature import LayerStatistics
 from ..factors import KroneckerFactor
 from ..layers import LayerHelper
 from .env import collective, wait_all
 
 STAT_MODES = ("auto", "gather", "reduce")
 
-
-@dataclass
-class GlobalStatistics(Statistics):
-    """:class:`~natgrad.capture.Statistics` of the global batch.
-
-    When ``a_moment`` (``g_moment``) is true, ``a`` (``g``) holds the dense moment
-    ``Σ_r X_rᵀX_r`` (``d × d``) instead of rows; :func:`update_factor` applies either.
-    """
-
-    a_moment: bool = False
-    g_moment: bool = False
+#: statistics of the global batch: :class:`~natgrad.curvature.LayerStatistics` whose ``a_moment``
+#: (``g_moment``) flag says that ``a`` (``g``) holds the dense moment ``Σ_r X_rᵀX_r`` instead of
+#: rows
+GlobalStatistics = LayerStatistics
 
 
 def update_factor(
@@ -81,9 +73,9 @@ def choose_mode(mode: str, factor: KroneckerFactor, total_rows: int) -> str:
 
 
 def reduce_statistics(
-    stats: dict[str, Statistics],
+    stats: dict[str, LayerStatistics],
     layers: dict[str, LayerHelper],
-    factors: dict[str, tuple[KroneckerFactor, KroneckerFactor]],
+    factors: dict[str, tuple[KroneckerFactor, ...]],
     *,
     mode: str = "auto",
     group: Any = None,
@@ -91,7 +83,7 @@ def reduce_statistics(
     """The statistics of the global batch, identical on every rank (a collective call).
 
     Args:
-        stats: this rank's :meth:`CurvatureCapture.collect` output (layers may be missing).
+        stats: this rank's :meth:`HookCapture.collect` output (layers may be missing).
         layers: every preconditioned layer, in the same order on every rank.
         factors: the layers' ``(A, G)`` factors (for the dtype and the moment decision).
         mode: ``"auto"``, ``"gather"`` or ``"reduce"``.

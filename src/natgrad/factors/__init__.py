@@ -1,15 +1,23 @@
 """Kronecker-factor strategies behind one interface (:class:`KroneckerFactor`), chosen by name.
 
-Adding a strategy = one module with a :class:`KroneckerFactor` subclass and one entry in
-:data:`STRATEGIES`.
+Adding a strategy = one module with a :class:`KroneckerFactor` subclass (its ``Options``
+dataclass, ``cost``, state and refresh) and one call of :func:`register_strategy`; the optimizer,
+the analysis, the distributed coordinator, the CLI and the benches read the registry.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from .base import DenseFactor, FactorRefreshError, FactorUpdate, KroneckerFactor, update_factors
+from .base import (
+    FACTOR_DTYPES,
+    DecomposedFactor,
+    DenseFactor,
+    FactorRefreshError,
+    FactorUpdate,
+    KroneckerFactor,
+    update_factors,
+)
 from .cholesky import CholeskyFactor
+from .diagonal import DiagonalFactor
 from .eigh import EighFactor
 from .kronecker import (
     Direction,
@@ -19,42 +27,47 @@ from .kronecker import (
     solve,
     split_damping,
 )
-from .projected import ProjectedFactor
-from .recursive import RecursiveFactor
+from .options import FactorOptions
+from .projected import ProjectedFactor, ProjectedOptions
+from .recursive import RecursiveFactor, RecursiveOptions
+from .registry import (
+    STRATEGIES,
+    get_strategy,
+    make_factor,
+    register_strategy,
+    strategy_options,
+    unregister_strategy,
+)
 
-STRATEGIES: dict[str, type[KroneckerFactor]] = {
-    EighFactor.name: EighFactor,
-    CholeskyFactor.name: CholeskyFactor,
-    RecursiveFactor.name: RecursiveFactor,
-    ProjectedFactor.name: ProjectedFactor,
-}
-
-
-def make_factor(strategy: str, dim: int, **options: Any) -> KroneckerFactor:
-    """A new factor of the named strategy (``ValueError`` listing the accepted names otherwise)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(
-            f"factors={strategy!r} is not a known strategy; accepted values: {sorted(STRATEGIES)}"
-        )
-    return STRATEGIES[strategy].create(dim, **options)
-
+for _cls in (EighFactor, CholeskyFactor, RecursiveFactor, ProjectedFactor):
+    register_strategy(_cls)
 
 __all__ = [
+    "FACTOR_DTYPES",
     "STRATEGIES",
-    "KroneckerFactor",
-    "DenseFactor",
-    "FactorRefreshError",
-    "EighFactor",
     "CholeskyFactor",
-    "RecursiveFactor",
-    "ProjectedFactor",
-    "make_factor",
-    "update_factors",
-    "FactorUpdate",
-    "precondition",
-    "solve",
+    "DecomposedFactor",
+    "DenseFactor",
+    "DiagonalFactor",
     "Direction",
-    "refresh_pair",
-    "split_damping",
+    "EighFactor",
+    "FactorOptions",
+    "FactorRefreshError",
+    "FactorUpdate",
+    "KroneckerFactor",
+    "ProjectedFactor",
+    "ProjectedOptions",
+    "RecursiveFactor",
+    "RecursiveOptions",
+    "get_strategy",
     "kronecker_matvec",
+    "make_factor",
+    "precondition",
+    "refresh_pair",
+    "register_strategy",
+    "solve",
+    "split_damping",
+    "strategy_options",
+    "unregister_strategy",
+    "update_factors",
 ]

@@ -13,20 +13,29 @@ where ``X`` is ``(n, d)``: one row per sample (and location). Strategies differ 
 * the others (``cholesky``, ``recursive``) provide ``(F + δ I)⁻¹`` for the ``δ`` given to
   :meth:`KroneckerFactor.refresh`, used with the π-split of the damping.
 
-The optimizer and the analysis only talk to this interface; adding a strategy is one module and
-one entry in :data:`natgrad.factors.STRATEGIES`.
+A strategy is one subclass, registered with :func:`natgrad.factors.register_strategy`. It owns
+everything that depends on it: its options type (:attr:`KroneckerFactor.Options`), its cost
+estimate (:meth:`KroneckerFactor.cost`, used to spread work over ranks), its state tensors for
+checkpoints and broadcasts (:attr:`KroneckerFactor.state_keys`, :meth:`state_dict`,
+:meth:`check_state`), and how it refreshes its inverse (:meth:`refresh`). Strategies that
+decompose a dense matrix share :class:`DecomposedFactor` (retry in float64, keep the previous
+inverse on failure).
 """
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from functools import partial
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..norms import all_finite
+from .options import FactorOptions
+
+#: the floating dtypes factors may be stored in (half precision is refused: see KroneckerFactor)
+FACTOR_DTYPES = (torch.float32, torch.float64)
 
 
 class FactorRefreshError(RuntimeError):
@@ -38,24 +47,42 @@ class KroneckerFactor(ABC):
 
     Args:
         dim: ``d``, the factor is ``d × d``.
-        dtype: storage and compute precision.
+        options: the strategy's :attr:`Options` (an instance, a dict, or ``None`` for the
+            defaults); single options may also be given as keyword arguments.
+        dtype: storage and compute precision, ``torch.float32`` or ``torch.float64`` (half
+            precision cannot hold second moments or run the decompositions reliably).
         device: where the state lives.
     """
 
     name: ClassVar[str]
     spectral: ClassVar[bool] = False
+    #: the factor is exactly diagonal (:meth:`diag` gives it); solved in closed form
+    diagonal: ClassVar[bool] = False
+    #: the strategy's options type (one frozen dataclass, validated on construction)
+    Options: ClassVar[type[FactorOptions]] = FactorOptions
     #: attributes (tensors, floats or ints) that make up the state; saved by :meth:`state_dict`
     state_keys: ClassVar[tuple[str, ...]] = ()
+    #: the part of the state that any holder of the same statistics computes itself (e.g. the
+    #: dense EMA ``F``); a distributed owner need not broadcast it when every rank updates
+    statistics_keys: ClassVar[tuple[str, ...]] = ()
+    #: whether :meth:`update_moment` is available (the strategy stores the dense ``F``)
+    supports_moment: ClassVar[bool] = False
 
     def __init__(
         self,
         dim: int,
+        options: FactorOptions | dict[str, Any] | None = None,
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        **option_kwargs: Any,
     ) -> None:
-        if dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if dtype not in FACTOR_DTYPES:
+            raise ValueError(f"invalid factor dtype {dtype!r}: expected torch.float32 or "
+                             "torch.float64")
+        self.options = self.Options.coerce(options, **option_kwargs)
         self.dim = int(dim)
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -64,9 +91,16 @@ class KroneckerFactor(ABC):
         self.refreshed = False
 
     @classmethod
-    def create(cls, dim: int, **options: Any) -> KroneckerFactor:
+    def create(
+        cls,
+        dim: int,
+        options: FactorOptions | dict[str, Any] | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> KroneckerFactor:
         """Construct a factor; a strategy may return another one (e.g. too narrow to project)."""
-        return cls(dim, **options)
+        return cls(dim, options, dtype=dtype, device=device)
 
     # ------------------------------------------------------------------ statistics
     def update(
@@ -84,7 +118,7 @@ class KroneckerFactor(ABC):
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise ValueError(f"rows must have shape (n, {self.dim}), got {tuple(rows.shape)}")
         rows = rows.to(device=self.device, dtype=self.dtype)
-        self._ema(partial(self._update, sq_norm=sq_norm), rows, scale, decay)
+        self._ema(functools.partial(self._update, sq_norm=sq_norm), rows, scale, decay)
 
     @classmethod
     def update_batch(cls, items: list[FactorUpdate], decay: float) -> None:
@@ -92,9 +126,6 @@ class KroneckerFactor(ABC):
         the work in batched tensor ops."""
         for item in items:
             item.factor.update(item.rows, item.scale, decay, item.sq_norm)
-
-    #: whether :meth:`update_moment` is available (the strategy stores the dense ``F``)
-    supports_moment: ClassVar[bool] = False
 
     def update_moment(self, moment: Tensor, scale: float, decay: float) -> None:
         """The same EMA update from a dense second moment ``S = Xᵀ X`` (``d × d``) instead of rows
@@ -120,7 +151,7 @@ class KroneckerFactor(ABC):
 
     def _update_moment(self, S: Tensor, new_weight: float, keep: float) -> None:
         """``F ← keep · F + new_weight · S`` (strategies with :attr:`supports_moment`)."""
-        raise NotImplementedError
+        raise TypeError(f"the {self.name!r} strategy cannot be updated from a dense moment")
 
     @abstractmethod
     def _update(
@@ -135,33 +166,11 @@ class KroneckerFactor(ABC):
         """``tr F`` (exact, also for compressed representations)."""
 
     # ------------------------------------------------------------------ inverse
-    def refresh(self, damping: float) -> None:
-        """Recompute the inverse representation for ``(F + damping·I)``.
-
-        Tries the working precision, then float64. Only a finite result replaces the current
-        state; otherwise :class:`FactorRefreshError` is raised and the previous state stays.
-        """
-        last: Exception | None = None
-        for dtype in (self.dtype, torch.float64) if self.dtype != torch.float64 else (self.dtype,):
-            try:
-                new = self._compute_inverse(damping, dtype)
-            except (RuntimeError, ValueError) as err:  # LinAlgError is a RuntimeError
-                last = err
-                continue
-            if all_finite([v for v in new.values() if isinstance(v, Tensor)]):
-                for key, value in new.items():
-                    if isinstance(value, Tensor):
-                        value = value.to(self.dtype)
-                    setattr(self, key, value)
-                self.damping = float(damping)
-                self.refreshed = True
-                return
-            last = FloatingPointError("non-finite result")
-        raise FactorRefreshError(f"{self.name} factor (d={self.dim}) refresh failed: {last}")
-
     @abstractmethod
-    def _compute_inverse(self, damping: float, dtype: torch.dtype) -> dict[str, Any]:
-        """New values of the inverse-related attributes, computed in ``dtype``; no side effects."""
+    def refresh(self, damping: float) -> None:
+        """Make :meth:`inv_matmul` apply ``(F + damping·I)⁻¹`` (spectral strategies: make
+        :meth:`eigen` reflect the current ``F``). On failure raise :class:`FactorRefreshError`
+        and keep the previous state; set :attr:`refreshed` once usable."""
 
     @abstractmethod
     def inv_matmul(self, v: Tensor) -> Tensor:
@@ -173,6 +182,12 @@ class KroneckerFactor(ABC):
         Only spectral strategies implement it; it reflects the last :meth:`refresh`.
         """
         raise NotImplementedError(f"the {self.name!r} strategy is not spectral")
+
+    # ------------------------------------------------------------------ cost
+    @abstractmethod
+    def cost(self) -> float:
+        """Relative cost (a flop count, not seconds) of one update plus refresh of this factor,
+        used to spread the per-layer work over ranks (:mod:`natgrad.distributed.assignment`)."""
 
     # ------------------------------------------------------------------ inspection
     @abstractmethod
@@ -191,7 +206,9 @@ class KroneckerFactor(ABC):
             if isinstance(v, Tensor)
         )
 
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """Strategy, size, counters and every :attr:`state_keys` entry (tensors cloned)."""
         sd: dict[str, Any] = {
             "strategy": self.name,
             "dim": self.dim,
@@ -204,16 +221,53 @@ class KroneckerFactor(ABC):
             sd[key] = value.clone() if isinstance(value, Tensor) else value
         return sd
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: Any, partial: bool = False) -> None:
+        """``ValueError`` saying what is wrong when ``state`` cannot be loaded into this factor
+        (another strategy or size, a missing key unless ``partial``, a tensor of the wrong shape or
+        kind); changes nothing."""
+        if not isinstance(state, dict):
+            raise ValueError(f"factor state must be a dict, got {type(state).__name__}")
         if state.get("strategy") != self.name or state.get("dim") != self.dim:
             raise ValueError(
                 f"factor state is for strategy={state.get('strategy')!r}, dim={state.get('dim')}; "
                 f"this factor is strategy={self.name!r}, dim={self.dim}"
             )
-        self.updates = int(state["updates"])
-        self.damping = float(state["damping"])
-        self.refreshed = bool(state["refreshed"])
+        missing = [k for k in ("updates", "damping", "refreshed", *self.state_keys)
+                   if k not in state]
+        if missing and not partial:
+            raise ValueError(f"{self.name} factor state (d={self.dim}) lacks {missing}")
         for key in self.state_keys:
+            if key not in state:
+                continue
+            value, current = state[key], getattr(self, key, None)
+            if isinstance(current, Tensor):
+                if not isinstance(value, Tensor) or not value.is_floating_point():
+                    raise ValueError(f"{self.name} factor state {key!r} must be a floating "
+                                     f"tensor, got {type(value).__name__}")
+                expected = self._state_shape(key, value)
+                if tuple(value.shape) != expected:
+                    raise ValueError(f"{self.name} factor state {key!r} (d={self.dim}) has shape "
+                                     f"{tuple(value.shape)}, expected {expected}")
+            elif isinstance(value, Tensor):
+                raise ValueError(f"{self.name} factor state {key!r} must be a number, got a "
+                                 "tensor")
+
+    def _state_shape(self, key: str, value: Tensor) -> tuple[int, ...]:
+        """The shape the checkpointed ``key`` must have (default: that of the current state)."""
+        return tuple(getattr(self, key).shape)
+
+    def load_state_dict(self, state: dict[str, Any], partial: bool = False) -> None:
+        """Load a :meth:`state_dict` (validated first by :meth:`check_state`); with ``partial``,
+        entries missing from ``state`` keep their current value (a distributed owner sends only
+        what the other ranks cannot compute themselves)."""
+        self.check_state(state, partial)
+        for key in ("updates", "damping", "refreshed"):
+            if key in state:
+                setattr(self, key, {"updates": int, "damping": float,
+                                    "refreshed": bool}[key](state[key]))
+        for key in self.state_keys:
+            if key not in state:
+                continue
             value = state[key]
             if isinstance(value, Tensor):
                 value = value.to(device=self.device, dtype=self.dtype).clone()
@@ -257,13 +311,43 @@ def update_factors(items: list[tuple], decay: float) -> None:
         cls.update_batch(group, decay)
 
 
-class DenseFactor(KroneckerFactor):
+class DecomposedFactor(KroneckerFactor):
+    """Strategies whose :meth:`refresh` decomposes a matrix: the decomposition is computed in the
+    working precision, then in float64 if that fails, and only a finite result replaces the
+    current inverse (:class:`FactorRefreshError` otherwise)."""
+
+    def refresh(self, damping: float) -> None:
+        last: Exception | None = None
+        for dtype in (self.dtype, torch.float64) if self.dtype != torch.float64 else (self.dtype,):
+            try:
+                new = self._compute_inverse(damping, dtype)
+            except (RuntimeError, ValueError) as err:  # LinAlgError is a RuntimeError
+                last = err
+                continue
+            if all_finite([v for v in new.values() if isinstance(v, Tensor)]):
+                for key, value in new.items():
+                    if isinstance(value, Tensor):
+                        value = value.to(self.dtype)
+                    setattr(self, key, value)
+                self.damping = float(damping)
+                self.refreshed = True
+                return
+            last = FloatingPointError("non-finite result")
+        raise FactorRefreshError(f"{self.name} factor (d={self.dim}) refresh failed: {last}")
+
+    @abstractmethod
+    def _compute_inverse(self, damping: float, dtype: torch.dtype) -> dict[str, Any]:
+        """New values of the inverse-related attributes, computed in ``dtype``; no side effects."""
+
+
+class DenseFactor(DecomposedFactor):
     """Shared storage for strategies that keep the dense ``(d, d)`` EMA ``F``."""
 
     supports_moment = True
+    statistics_keys = ("F",)
 
-    def __init__(self, dim: int, **options: Any) -> None:
-        super().__init__(dim, **options)
+    def __init__(self, dim: int, options: Any = None, **kwargs: Any) -> None:
+        super().__init__(dim, options, **kwargs)
         self.F = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
 
     def _update(

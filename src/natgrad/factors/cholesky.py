@@ -14,8 +14,8 @@ class CholeskyFactor(DenseFactor):
     name = "cholesky"
     state_keys = ("F", "P")
 
-    def __init__(self, dim: int, **options: Any) -> None:
-        super().__init__(dim, **options)
+    def __init__(self, dim: int, options: Any = None, **kwargs: Any) -> None:
+        super().__init__(dim, options, **kwargs)
         self.P = torch.eye(self.dim, dtype=self.dtype, device=self.device)
 
     def _compute_inverse(self, damping: float, dtype: torch.dtype) -> dict[str, Any]:
@@ -25,3 +25,6 @@ class CholeskyFactor(DenseFactor):
 
     def inv_matmul(self, v: Tensor) -> Tensor:
         return self.P @ v
+
+    def cost(self) -> float:
+        return float(self.dim) ** 3 / 3.0

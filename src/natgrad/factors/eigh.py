@@ -15,8 +15,8 @@ class EighFactor(DenseFactor):
     spectral = True
     state_keys = ("F", "Q", "lam")
 
-    def __init__(self, dim: int, **options: Any) -> None:
-        super().__init__(dim, **options)
+    def __init__(self, dim: int, options: Any = None, **kwargs: Any) -> None:
+        super().__init__(dim, options, **kwargs)
         self.Q = torch.eye(self.dim, dtype=self.dtype, device=self.device)
         self.lam = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
 
@@ -32,3 +32,6 @@ class EighFactor(DenseFactor):
 
     def eigenvalues(self) -> Tensor:
         return self.lam
+
+    def cost(self) -> float:
+        return float(self.dim) ** 3  # the dense eigh dominates

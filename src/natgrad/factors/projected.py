@@ -30,6 +30,7 @@ U diag(1/(λ + δ)) Uᵀ v + (v − U Uᵀ v) / (σ + δ)`` in ``O(d·r)`` per v
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any
@@ -40,101 +41,57 @@ from torch import Tensor
 from ..norms import squared_norms, to_floats
 from .base import FactorUpdate, KroneckerFactor
 from .eigh import EighFactor
+from .linalg import cholesky_qr2, gaussian_sketch, orth_complement, small_eigh, update_generator
+from .options import FactorOptions, check_choice, check_int, check_optional_int, check_real
 
 SKETCHES = ("gaussian", "rows")
 
 
-def _check_int(name: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"invalid {name}={value!r}: expected an integer >= {low}")
-    return int(value)
+@dataclasses.dataclass(frozen=True)
+class ProjectedOptions(FactorOptions):
+    """Options of the projected strategy (the one set of defaults: optimizer, analysis, benches).
 
-
-def small_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh`` of a small matrix on one thread.
-
-    Multi-threaded LAPACK gains nothing on ``(r + k)²`` matrices and, on a loaded machine with
-    few cores, its thread barriers can make a 0.8 ms call take hundreds of milliseconds.
+    Attributes:
+        rank: ``r``, the number of kept eigenpairs (used when ``energy`` is ``None``). 24 keeps
+            accuracy parity with dense K-FAC on the embedded-MNIST models (docs/DISCUSSION.md)
+            at a preconditioning cost linear in ``r``.
+        energy: keep the smallest rank whose eigenvalues explain this fraction of the trace
+            (``(0, 1]``), at most ``max_rank``; chosen per layer at every update.
+        max_rank: cap of the rank in ``energy`` mode (default: ``rank``).
+        sketch_size: ``k``, new directions per update (default: half the rank cap, or ``d`` at
+            full rank; plus the missing rank while it is not yet filled); rows beyond ``k`` are
+            sketched.
+        sketch: ``"gaussian"`` (``Xᵀ Ω``) or ``"rows"`` (``k`` random rows of ``X``).
+        max_rows: subsample this many rows (e.g. spatial locations of a conv layer) for the
+            Rayleigh–Ritz projection, reweighted to stay unbiased; the trace always uses all rows.
+        seed: seed of the sketches.
     """
-    threads = torch.get_num_threads()
-    if threads == 1 or M.device.type != "cpu":
-        return torch.linalg.eigh(M)
-    torch.set_num_threads(1)
-    try:
-        return torch.linalg.eigh(M)
-    finally:
-        torch.set_num_threads(threads)
 
+    rank: int = 24
+    energy: float | None = None
+    max_rank: int | None = None
+    sketch_size: int | None = None
+    sketch: str = "gaussian"
+    max_rows: int | None = None
+    seed: int = 0
 
-def update_generator(factor: KroneckerFactor) -> torch.Generator:
-    """A private generator for the next update of a factor with a ``seed`` attribute, seeded with
-    ``(seed, updates)``: a run resumed from a checkpoint draws the same sketches and probes."""
-    gen = torch.Generator(device=factor.device)
-    gen.manual_seed(factor.seed * 1_000_003 + factor.updates)
-    return gen
+    def __post_init__(self) -> None:
+        check_int("rank", self.rank)
+        if self.energy is not None:
+            check_real("energy", self.energy, lambda v: 0.0 < v <= 1.0,
+                       "None or a number in (0, 1]")
+        check_optional_int("max_rank", self.max_rank)
+        check_optional_int("sketch_size", self.sketch_size)
+        check_choice("sketch", self.sketch, SKETCHES)
+        check_optional_int("max_rows", self.max_rows)
+        check_int("seed", self.seed, low=0)
 
-
-def gaussian_sketch(rows: Tensor, omega: Tensor) -> Tensor:
-    """``Xᵀ Ω`` (``(d, k)``) for rows ``X`` (``(n, d)``) and ``Ω`` (``(n, k)``), computed as
-    ``(Ωᵀ X)ᵀ``: for ``k ≪ n`` CPU BLAS runs that orientation 2-3x faster (13 µs against 33 µs at
-    ``n = 128, d = 1025, k = 12``), with the same result."""
-    return (omega.T @ rows).T
-
-
-def _orth_complement(Y: Tensor, U: Tensor, tol: float) -> Tensor:
-    """Orthonormal basis of ``(I − U Uᵀ) Y`` with dependent directions dropped.
-
-    The fast path is :func:`_cholesky_qr2`; when the block is close to rank deficient the Gram
-    matrix is eigendecomposed instead and the dependent directions are dropped.
-
-    Args:
-        Y: ``(d, k)`` candidate directions (finite).
-        U: ``(d, r)`` orthonormal basis (``r`` may be 0).
-        tol: squared singular values below ``tol · ‖Y‖_F²`` count as zero.
-
-    Returns:
-        ``(d, k')`` with ``k' ≤ k`` orthonormal columns orthogonal to ``U``.
-    """
-    ref = (Y * Y).sum().double()
-    if float(ref) == 0.0:
-        return Y[:, :0]
-    Q = _cholesky_qr2(Y, U, tol, ref)
-    return Q if Q is not None else _eigh_orth(Y, U, tol, float(ref))
-
-
-def _cholesky_qr2(Y: Tensor, U: Tensor, tol: float, ref: Tensor | None = None) -> Tensor | None:
-    """Gram–Schmidt against ``U`` and a Cholesky QR of the remaining block, both done twice ("twice
-    is enough"; ``O(d k (r + k))`` and a ``k × k`` Cholesky), for ``(d, k)`` or batched
-    ``(b, d, k)`` blocks.
-
-    Returns ``None`` when a block is close to rank deficient: a squared Cholesky pivot at or below
-    ``tol · ‖Y‖_F²`` (Cholesky QR would lose orthogonality there). ``ref``: ``‖Y‖_F²`` per block
-    (float64) if the caller has it.
-    """
-    if ref is None:
-        ref = (Y * Y).sum((-2, -1)).double()
-    Q = _project_out(Y, U)
-    L, info = torch.linalg.cholesky_ex((Q.mT @ Q).double())
-    pivots = L.diagonal(dim1=-2, dim2=-1).amin(-1)
-    if not bool(((info == 0) & (pivots.square() > tol * ref)).all()):
-        return None
-    for i in range(2):  # the second pass starts from nearly orthonormal columns
-        Q = torch.linalg.solve_triangular(L.to(Q.dtype), Q.mT, upper=False).mT
-        if i == 0:
-            Q = _project_out(Q, U)
-            L, info = torch.linalg.cholesky_ex((Q.mT @ Q).double())
-            if not bool((info == 0).all()):
-                return None
-    return Q
-
-
-def _project_out(Q: Tensor, U: Tensor) -> Tensor:
-    """``Q − U (Uᵀ Q)`` for ``(d, k)`` or batched ``(b, d, k)`` blocks."""
-    if not U.shape[-1]:
-        return Q
-    if Q.ndim == 2:
-        return torch.addmm(Q, U, U.T @ Q, alpha=-1.0)
-    return torch.baddbmm(Q, U, U.mT @ Q, alpha=-1.0)
+    @property
+    def rank_cap(self) -> int:
+        """The largest rank a factor may keep: ``max_rank`` (or ``rank``) in energy mode."""
+        if self.energy is not None:
+            return self.max_rank if self.max_rank is not None else self.rank
+        return self.rank
 
 
 def _rayleigh_ritz(
@@ -156,112 +113,49 @@ def _rayleigh_ritz(
     return mu.flip(-1).clamp_min(0.0), V.flip(-1)
 
 
-def _eigh_orth(Y: Tensor, U: Tensor, tol: float, ref: float) -> Tensor:
-    """The robust path of :func:`_orth_complement` (Gram eigendecomposition, twice)."""
-    Q = Y
-    for _ in range(2):
-        Q = _project_out(Q, U)
-        gram = (Q.T @ Q).double()
-        s, W = small_eigh(gram)
-        keep = s > tol * ref
-        if not bool(keep.any()):
-            return Y[:, :0]
-        W = W[:, keep] / s[keep].sqrt()
-        Q = Q @ W.to(Q.dtype)
-        ref = float(Q.shape[1])  # after the first pass the columns have unit norm
-    return Q
-
-
 class ProjectedFactor(KroneckerFactor):
     """Low-rank-plus-scaled-identity factor refreshed by Rayleigh–Ritz (see the module docstring).
 
     Args:
         dim: ``d``.
-        rank: ``r``, the number of kept eigenpairs (used when ``energy`` is ``None``).
-        energy: keep the smallest rank whose eigenvalues explain this fraction of the trace
-            (``(0, 1]``), at most ``max_rank``; chosen per layer at every update.
-        max_rank: cap of the rank in ``energy`` mode (default: ``rank``).
-        sketch_size: ``k``, new directions per update (default: half the rank cap, or ``d`` at
-            full rank; plus the missing rank while it is not yet filled); rows beyond ``k`` are
-            sketched.
-        sketch: ``"gaussian"`` (``Xᵀ Ω``) or ``"rows"`` (``k`` random rows of ``X``).
-        max_rows: subsample this many rows (e.g. spatial locations of a conv layer) for the
-            Rayleigh–Ritz projection, reweighted to stay unbiased; the trace always uses all rows.
-        seed: seed of the sketches.
+        options: :class:`ProjectedOptions` (or a dict; single options also as keywords).
         dtype, device: as :class:`~natgrad.factors.base.KroneckerFactor`.
     """
 
     name = "projected"
     spectral = True
+    Options = ProjectedOptions
     state_keys = ("U", "lam", "sigma", "tr")
 
-    def __init__(
-        self,
-        dim: int,
-        *,
-        rank: int = 64,
-        energy: float | None = None,
-        max_rank: int | None = None,
-        sketch_size: int | None = None,
-        sketch: str = "gaussian",
-        max_rows: int | None = None,
-        seed: int = 0,
-        **options: Any,
-    ) -> None:
-        opts = self.check_options(rank, energy, max_rank, sketch_size, sketch, max_rows, seed)
-        super().__init__(dim, **options)
-        self.rank, self.energy, self.max_rank = opts["rank"], opts["energy"], opts["max_rank"]
-        self.rank_cap = min(self.max_rank if self.energy is not None else self.rank, self.dim)
+    def __init__(self, dim: int, options: Any = None, **kwargs: Any) -> None:
+        super().__init__(dim, options, **kwargs)
+        opts = self.options
+        self.rank, self.energy = opts.rank, opts.energy
+        self.max_rank = opts.max_rank if opts.max_rank is not None else opts.rank
+        self.rank_cap = min(opts.rank_cap, self.dim)
         # full rank keeps every row (exact); otherwise half the rank cap of new directions
         full = self.rank_cap >= self.dim
-        self.sketch_size = opts["sketch_size"] or (self.dim if full else max(1, self.rank_cap // 2))
-        self.sketch = sketch
-        self.max_rows = max_rows
-        self.seed = seed
+        self.sketch_size = opts.sketch_size or (self.dim if full else max(1, self.rank_cap // 2))
+        self.sketch = opts.sketch
+        self.max_rows = opts.max_rows
+        self.seed = opts.seed
         self.U = torch.zeros(self.dim, 0, dtype=self.dtype, device=self.device)
         self.lam = torch.zeros(0, dtype=self.dtype, device=self.device)
         self.sigma = 0.0
         self.tr = 0.0
         self._tol = 100.0 * torch.finfo(self.dtype).eps
 
-    @staticmethod
-    def check_options(
-        rank: int = 64,
-        energy: float | None = None,
-        max_rank: int | None = None,
-        sketch_size: int | None = None,
-        sketch: str = "gaussian",
-        max_rows: int | None = None,
-        seed: int = 0,
-    ) -> dict[str, Any]:
-        """Validate the strategy options (``ValueError`` naming the option and accepted range)."""
-        rank = _check_int("rank", rank)
-        if energy is not None:
-            if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not (
-                0.0 < energy <= 1.0
-            ):
-                raise ValueError(f"invalid energy={energy!r}: expected None or a number in (0, 1]")
-            energy = float(energy)
-        max_rank = rank if max_rank is None else _check_int("max_rank", max_rank)
-        if sketch_size is not None:
-            sketch_size = _check_int("sketch_size", sketch_size)
-        if sketch not in SKETCHES:
-            raise ValueError(f"invalid sketch={sketch!r}: accepted values: {list(SKETCHES)}")
-        if max_rows is not None:
-            max_rows = _check_int("max_rows", max_rows)
-        _check_int("seed", seed, low=0)
-        return {"rank": rank, "energy": energy, "max_rank": max_rank, "sketch_size": sketch_size}
-
     @classmethod
-    def create(cls, dim: int, **options: Any) -> KroneckerFactor:
+    def create(cls, dim: int, options: Any = None, *, dtype: torch.dtype = torch.float32,
+               device: Any = None) -> KroneckerFactor:
         """A projected factor, or an exact :class:`EighFactor` when ``dim ≤`` the rank cap."""
-        keys = ("rank", "energy", "max_rank", "sketch_size", "sketch", "max_rows", "seed")
-        mine = {k: options.pop(k) for k in keys if k in options}
-        opts = cls.check_options(**mine)
-        cap = opts["max_rank"] if opts["energy"] is not None else opts["rank"]
-        if dim <= cap:
-            return EighFactor(dim, **options)
-        return cls(dim, **mine, **options)
+        opts = ProjectedOptions.coerce(options)
+        if dim <= opts.rank_cap:
+            return EighFactor(dim, dtype=dtype, device=device)
+        return cls(dim, opts, dtype=dtype, device=device)
+
+    def cost(self) -> float:
+        return float(self.dim) * (self.rank_cap + self.sketch_size) ** 2  # linear in d
 
     # ------------------------------------------------------------------ statistics
     def _sketch_matrix(self, n: int, k: int, gen: torch.Generator) -> Tensor:
@@ -302,7 +196,7 @@ class ProjectedFactor(KroneckerFactor):
                 Y = self._gaussian_sketch(rows, k, gen)
             else:
                 Y = rows[torch.randperm(n, generator=gen, device=self.device)[:k]].T
-        Q = _orth_complement(Y, U, self._tol)
+        Q = orth_complement(Y, U, self._tol)
         Z = torch.cat([U, Q], dim=1)  # (d, r + k')
         B = rows @ Z  # (n, r + k')
         try:
@@ -393,7 +287,7 @@ class ProjectedFactor(KroneckerFactor):
         for i, (f, x) in enumerate(zip(fs, rows)):
             Z[i, : f.dim, :r] = f.U
             Z[i, : f.dim, r:] = f._gaussian_sketch(x, k, update_generator(f))
-        Q = _cholesky_qr2(Z[:, :, r:], Z[:, :, :r], f0._tol)
+        Q = cholesky_qr2(Z[:, :, r:], Z[:, :, :r], f0._tol)
         if Q is None:  # a nearly dependent sketch: update() drops directions one by one
             return False
         Z[:, :, r:] = Q
@@ -446,9 +340,6 @@ class ProjectedFactor(KroneckerFactor):
         self.damping = float(damping)
         self.refreshed = True
 
-    def _compute_inverse(self, damping: float, dtype: torch.dtype) -> dict[str, Any]:
-        return {}
-
     def eigen(self) -> tuple[Tensor, Tensor, float]:
         return self.U, self.lam, float(self.sigma)
 
@@ -458,6 +349,20 @@ class ProjectedFactor(KroneckerFactor):
         if self.U.shape[1] < self.dim:
             out = out + (v - self.U @ Utv) / (self.sigma + self.damping)
         return out
+
+    def _state_shape(self, key: str, value: Tensor) -> tuple[int, ...]:
+        # the kept rank varies (it grows while filling and follows the energy): U is (d, r) and λ
+        # is (r,) for some r <= the rank cap; check_state compares the two below
+        r = min(int(value.shape[-1]) if value.ndim else 0, self.rank_cap)
+        return (self.dim, r) if key == "U" else (r,)
+
+    def check_state(self, state: Any, partial: bool = False) -> None:
+        super().check_state(state, partial)
+        if "U" in state and "lam" in state and tuple(state["lam"].shape) != (
+                state["U"].shape[1],):
+            raise ValueError(f"projected factor state (d={self.dim}): U has "
+                             f"{state['U'].shape[1]} columns but lam has shape "
+                             f"{tuple(state['lam'].shape)}")
 
     # ------------------------------------------------------------------ inspection
     def to_dense(self) -> Tensor:

@@ -33,6 +33,7 @@ projected onto a random ``k``-dimensional range of ``Xᵀ`` (``Z = orth(Xᵀ Ω)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -40,15 +41,16 @@ import torch
 from torch import Tensor
 
 from ..norms import all_finite
-from .base import DenseFactor, FactorRefreshError, KroneckerFactor
-from .projected import _check_int, _orth_complement, gaussian_sketch, small_eigh, update_generator
+from .base import DecomposedFactor, DenseFactor, FactorRefreshError
+from .linalg import gaussian_sketch, orth_complement, small_eigh, update_generator
+from .options import FactorOptions, check_int, check_optional_int, check_real
 
 
-class RecursiveFactor(DenseFactor):
-    """Dense inverse maintained by Woodbury updates (see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class RecursiveOptions(FactorOptions):
+    """Options of the recursive strategy.
 
-    Args:
-        dim: ``d``.
+    Attributes:
         damping_tol: ratio band ``≥ 1`` of the damping drift tolerated before an exact refresh.
         residual_tol: relative probe residual that triggers an exact refresh (default ``1e-4`` in
             float32, ``1e-10`` in float64).
@@ -56,49 +58,47 @@ class RecursiveFactor(DenseFactor):
         sketch_size: project each batch to this rank first (``None``: use all rows).
         woodbury_max_rows: use an exact refresh instead of Woodbury when ``n > this · d``.
         seed: seed of the probes and sketches.
+    """
+
+    damping_tol: float = 2.0
+    residual_tol: float | None = None
+    probes: int = 4
+    sketch_size: int | None = None
+    woodbury_max_rows: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_real("damping_tol", self.damping_tol, lambda v: v >= 1.0, "a finite number >= 1")
+        if self.residual_tol is not None:
+            check_real("residual_tol", self.residual_tol, lambda v: v > 0.0,
+                       "None or a finite number > 0")
+        check_int("probes", self.probes, low=0)
+        check_optional_int("sketch_size", self.sketch_size)
+        check_real("woodbury_max_rows", self.woodbury_max_rows, lambda v: v > 0.0,
+                   "a number > 0")
+        check_int("seed", self.seed, low=0)
+
+
+class RecursiveFactor(DenseFactor):
+    """Dense inverse maintained by Woodbury updates (see the module docstring).
+
+    Args:
+        dim: ``d``.
+        options: :class:`RecursiveOptions` (or a dict; single options also as keywords).
         dtype, device: as :class:`~natgrad.factors.base.KroneckerFactor`.
     """
 
     supports_moment = False  # every update must also update ``P`` (Woodbury needs the rows)
-
     name = "recursive"
+    Options = RecursiveOptions
     state_keys = ("F", "P", "target_damping", "stale")
 
-    def __init__(
-        self,
-        dim: int,
-        *,
-        damping_tol: float = 2.0,
-        residual_tol: float | None = None,
-        probes: int = 4,
-        sketch_size: int | None = None,
-        woodbury_max_rows: float = 0.5,
-        seed: int = 0,
-        **options: Any,
-    ) -> None:
-        if isinstance(damping_tol, bool) or not isinstance(damping_tol, (int, float)) or not (
-            1.0 <= damping_tol < math.inf
-        ):
-            raise ValueError(f"invalid damping_tol={damping_tol!r}: expected a finite number >= 1")
-        if residual_tol is not None and (
-            isinstance(residual_tol, bool)
-            or not isinstance(residual_tol, (int, float))
-            or not 0.0 < residual_tol < math.inf
-        ):
-            raise ValueError(
-                f"invalid residual_tol={residual_tol!r}: expected None or a finite number > 0"
-            )
-        probes = _check_int("probes", probes, low=0)
-        if sketch_size is not None:
-            sketch_size = _check_int("sketch_size", sketch_size)
-        if isinstance(woodbury_max_rows, bool) or not isinstance(
-            woodbury_max_rows, (int, float)
-        ) or not woodbury_max_rows > 0:
-            raise ValueError(
-                f"invalid woodbury_max_rows={woodbury_max_rows!r}: expected a number > 0"
-            )
-        _check_int("seed", seed, low=0)
-        super().__init__(dim, **options)
+    def __init__(self, dim: int, options: Any = None, **kwargs: Any) -> None:
+        super().__init__(dim, options, **kwargs)
+        opts = self.options
+        damping_tol, residual_tol, probes = opts.damping_tol, opts.residual_tol, opts.probes
+        sketch_size, woodbury_max_rows, seed = (opts.sketch_size, opts.woodbury_max_rows,
+                                                opts.seed)
         self.damping_tol = float(damping_tol)
         self.residual_tol = (
             float(residual_tol)
@@ -124,7 +124,7 @@ class RecursiveFactor(DenseFactor):
         assert k is not None
         omega = torch.randn(rows.shape[0], k, generator=gen, device=self.device, dtype=self.dtype)
         tol = 100.0 * torch.finfo(self.dtype).eps
-        Z = _orth_complement(gaussian_sketch(rows, omega), rows[:0].T, tol)
+        Z = orth_complement(gaussian_sketch(rows, omega), rows[:0].T, tol)
         B = rows @ Z  # (n, k')
         C = (B.T @ B).double()
         s, W = small_eigh(0.5 * (C + C.T))
@@ -195,7 +195,7 @@ class RecursiveFactor(DenseFactor):
             self.stale = True
 
     def _exact(self, damping: float) -> None:
-        KroneckerFactor.refresh(self, damping)  # working precision, then float64
+        DecomposedFactor.refresh(self, damping)  # working precision, then float64
         self.exact_refreshes += 1
 
     # ------------------------------------------------------------------ inverse
@@ -224,3 +224,8 @@ class RecursiveFactor(DenseFactor):
 
     def inv_matmul(self, v: Tensor) -> Tensor:
         return self.P @ v
+
+    def cost(self) -> float:
+        # Woodbury, O(d² k); the exact refreshes that re-inject the damping are amortised
+        k = self.sketch_size if self.sketch_size is not None else self.dim
+        return float(self.dim) ** 2 * min(k, self.dim)

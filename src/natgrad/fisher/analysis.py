@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..factors import STRATEGIES
-from ..layers import helper_for
+from ..curvature import discover
+from ..factors import ProjectedOptions
 from .ggn import EmpiricalFisher, ExactFisher, GGNOperator, MCFisher
 from .kfac import KFACOperator, layer_statistics, layer_traces
 from .kron import kfac_logdet, kfac_top_eigenvalues, kfac_trace
@@ -33,9 +33,8 @@ from .results import Estimate
 from .slq import effective_dimension, quadrature, slq_logdet, spectral_density
 
 FISHERS: dict[str, type[GGNOperator]] = {
-    "exact": ExactFisher, "mc": MCFisher, "empirical": EmpiricalFisher,
+    cls.fisher: cls for cls in (ExactFisher, MCFisher, EmpiricalFisher)
 }
-KFAC_FISHER = {"exact": "type2", "mc": "mc", "empirical": "empirical"}
 
 
 def _est(e: Estimate) -> dict[str, Any]:
@@ -63,7 +62,8 @@ def analyze(
     slq_steps: int = 40,
     damping: float = 1e-3,
     tol: float = 1e-3,
-    projected_rank: int = 32,
+    projected_rank: int = ProjectedOptions.rank,
+    approximations: dict[str, tuple[str, Any]] | None = None,
     seed: int = 0,
     chunk_size: int = 250,
     cache: bool = True,
@@ -73,7 +73,10 @@ def analyze(
 ) -> dict[str, Any]:
     """Analyse the Fisher of ``model`` on ``data``; returns a JSON-ready dict (see the README).
 
-    ``progress(stage)`` is called before each stage (for a progress bar).
+    ``progress(stage)`` is called before each stage (for a progress bar). ``approximations``:
+    report key → ``(factor strategy, options)`` of the K-FAC approximations compared with the
+    Fisher (default: dense K-FAC as ``"kfac"`` and projected K-FAC at ``projected_rank`` as
+    ``"projected_kfac"``); any registered strategy works.
 
     Cost, in products with ``F`` (each one linearised forward and one backward per chunk, the
     chunks' forward passes cached within ``cache_bytes``): top-``k`` Lanczos (its run doubles as
@@ -95,7 +98,7 @@ def analyze(
     kw = {"mc_samples": 1, "seed": seed} if fisher == "mc" else {}
     op = FISHERS[fisher](model, data, loss, chunk_size=chunk_size, cache=cache,
                          cache_bytes=cache_bytes, max_columns=1, **kw)
-    layers = {n: h for n, m in model.named_modules() for h in [helper_for(m)[0]] if h is not None}
+    layers = discover(model, [p for p in model.parameters() if p.requires_grad]).layers
     groups = {n: op.block_indices(n) for n in layers}
     report.update(params=op.dim, samples=op.num_samples, fisher=fisher, loss=loss,
                   mean_convention="F = (1/N) sum_n J_n^T H_n J_n (mean over samples)",
@@ -150,12 +153,12 @@ def analyze(
         report["logdet"] = report["effective_dimension"] = None
 
     stage("kfac")
-    kl, stats, n = layer_statistics(model, data, loss, KFAC_FISHER[fisher], chunk_size,
-                                    seed=seed)
-    approximations = {"kfac": KFACOperator.from_statistics(model, kl, stats, n, "eigh")}
-    if "projected" in STRATEGIES:
-        approximations["projected_kfac"] = KFACOperator.from_statistics(
-            model, kl, stats, n, "projected", {"rank": projected_rank})
+    kl, stats, n = layer_statistics(model, data, loss, fisher, chunk_size, seed=seed)
+    if approximations is None:
+        approximations = {"kfac": ("eigh", None),
+                          "projected_kfac": ("projected", {"rank": projected_rank})}
+    approx_ops = {key: KFACOperator.from_statistics(model, kl, stats, n, strategy, options)
+                  for key, (strategy, options) in approximations.items()}
     done("kfac")
 
     stage("approximation")
@@ -163,7 +166,7 @@ def analyze(
     bp = block_products(op, [groups[n] for n in names], probes=probes, seed=seed + 2)
     report["coupling"] = _est(coupling_strength(bp))
     approx_report: dict[str, Any] = {}
-    for key, K in approximations.items():
+    for key, K in approx_ops.items():
         kt = lanczos_topk(K, k=top_k, tol=tol, seed=seed)
         approx_report[key] = {
             "relative_error": _est(relative_error(op, K, V=bp.V, FV=bp.FV)),
@@ -196,7 +199,7 @@ def analyze(
                "top_eigenvalue": float(values[0]),
                "top_eigenvalues": values.tolist(), "top_residuals": residuals.tolist(),
                "eigen_method": method}
-        for key, K in approximations.items():
+        for key, K in approx_ops.items():
             err = block_relative_error(op, bp, b, K)
             row[f"{key}_relative_error"] = err.value
             row[f"{key}_relative_error_stderr"] = err.stderr

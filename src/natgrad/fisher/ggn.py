@@ -48,7 +48,8 @@ class _Chunk(NamedTuple):
 
 
 class GGNOperator(LinearOperator):
-    """Base of the three Fisher operators; subclasses define :meth:`output_factor`.
+    """Base of the three Fisher operators; subclasses define :meth:`output_factor` and their
+    :attr:`fisher` kind (one of :data:`natgrad.curvature.FISHER_TYPES`).
 
     Args:
         model: the network; its train/eval mode is used as is (refused if non-deterministic).
@@ -65,6 +66,8 @@ class GGNOperator(LinearOperator):
         cache_bytes: budget for the cache (estimated from the size of the modules' outputs);
             chunks beyond it are recomputed in every product. ``None``: no limit.
     """
+
+    fisher: str
 
     def __init__(
         self,
@@ -276,6 +279,8 @@ class GGNOperator(LinearOperator):
 class ExactFisher(GGNOperator):
     """The exact (type-2) Fisher / GGN ``(1/N) Σ_n J_nᵀ H_n J_n`` (see the module docstring)."""
 
+    fisher = "exact"
+
     def output_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
         return self.likelihood.hessian_sqrt(out)
 
@@ -289,16 +294,6 @@ class ExactFisher(GGNOperator):
             return int(self._f(self._params, x.to(device=self.device, dtype=self.dtype)).shape[1])
 
 
-def _nll_grad(likelihood: Likelihood, out: Tensor, target: Tensor) -> Tensor:
-    """``∇_f −log p(target | f)`` per sample, ``(m, C)``."""
-    if target.is_floating_point():
-        target = target.reshape(out.shape).to(out.dtype)
-    with torch.enable_grad():
-        o = out.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(likelihood.nll(o, target).sum(), o)
-    return g
-
-
 class MCFisher(GGNOperator):
     """Monte-Carlo Fisher: ``mc_samples`` labels per datum from ``p(y|f)``, drawn once (seeded).
 
@@ -306,6 +301,8 @@ class MCFisher(GGNOperator):
     ``mc_samples → ∞``. Labels of chunk ``i`` come from a generator seeded with ``seed + i``, so
     the operator is one fixed matrix across products.
     """
+
+    fisher = "mc"
 
     def __init__(self, model: nn.Module, data: Data, loss: str = "cross_entropy",
                  mc_samples: int = 1, seed: int = 0, **kwargs) -> None:
@@ -317,7 +314,7 @@ class MCFisher(GGNOperator):
 
     def output_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
         gen = torch.Generator(device=out.device).manual_seed(self.seed + chunk)
-        rows = [_nll_grad(self.likelihood, out, self.likelihood.sample(out, gen))
+        rows = [self.likelihood.nll_grad(out, self.likelihood.sample(out, gen))
                 for _ in range(self.mc_samples)]
         return torch.stack(rows, dim=1) / self.mc_samples ** 0.5
 
@@ -333,10 +330,12 @@ class EmpiricalFisher(GGNOperator):
     optimizers use it. Needs labels (``y`` in the data).
     """
 
+    fisher = "empirical"
+
     def output_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
         if y is None:
             raise ValueError("the empirical Fisher needs labels: pass data as (X, y)")
-        return _nll_grad(self.likelihood, out, y.to(out.device))[:, None, :]
+        return self.likelihood.nll_grad(out, y.to(out.device))[:, None, :]
 
     @property
     def rank_bound(self) -> int:

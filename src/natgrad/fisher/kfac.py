@@ -1,47 +1,46 @@
 """The K-FAC approximation as an operator: block diagonal over layers, ``A_ℓ ⊗ G_ℓ`` per block.
 
-Built from the *same* :class:`~natgrad.factors.KroneckerFactor` objects the optimizer uses
-(any strategy: eigh, cholesky, projected, recursive), either
+Built from a :class:`~natgrad.curvature.KroneckerCurvature` — the *same* curvature object the
+optimizer uses, with the same layer rule and the same factor strategies (eigh, cholesky, projected,
+recursive or any registered one):
 
-* :meth:`KFACOperator.from_optimizer` — the factors of a :class:`natgrad.KFAC` instance, as they
-  are represented now (spectral strategies: as of their last refresh), or
-* :meth:`KFACOperator.from_data` — fresh factors from one pass over the data, with the layer
-  helpers' statistics (:mod:`natgrad.layers`): ``A = (1/N) Σ ā āᵀ``, ``G = (1/(N T)) Σ g gᵀ``
-  where the ``g`` are the output-space factor rows ``B_n`` of the matching Fisher
-  (``"type2"``: ``R = C`` backward passes, exact for one datum through linear layers; ``"mc"``;
-  ``"empirical"``) pushed back to the layer outputs.
+* :meth:`KFACOperator.from_optimizer` — the curvature of a :class:`natgrad.KFAC` instance, as it
+  is represented now (spectral strategies: as of their last refresh), or
+* :meth:`KFACOperator.from_data` — fresh factors from one pass over the data with the analysis'
+  capture (:mod:`natgrad.curvature.data`): ``A = (1/N) Σ ā āᵀ``, ``G = (1/(N T)) Σ g gᵀ`` where
+  the ``g`` are the output directions of the matching Fisher (``"exact"``: ``R = C`` rows of the
+  Hessian square root, exact for one datum through linear layers; ``"mc"``; ``"empirical"``)
+  pulled back to the layer outputs.
 
-Products use :func:`natgrad.factors.kronecker_matvec`: no Kronecker product is ever formed.
-Parameters outside every recognised layer get a **zero** block (listed in
-:attr:`KFACOperator.uncovered`).
+Products use each block's own matvec: no Kronecker product is ever formed. Parameters outside
+every preconditioned layer get a **zero** block (listed in :attr:`KFACOperator.uncovered`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..factors import KroneckerFactor, kronecker_matvec, make_factor
-from ..layers import LayerHelper, helper_for
-from ._model import Data, check_deterministic, iter_chunks, select_params
+from ..blocks import CurvatureBlock
+from ..curvature import KroneckerCurvature, data_statistics, discover, pullbacks
+from ..factors import KroneckerFactor
+from ..layers import LayerHelper
+from ..likelihoods import get_likelihood
+from ._model import Data, check_deterministic, select_params
 from .base import LinearOperator
-from .ggn import EmpiricalFisher, ExactFisher, GGNOperator, MCFisher
-
-_FISHERS: dict[str, type[GGNOperator]] = {
-    "type2": ExactFisher, "exact": ExactFisher, "mc": MCFisher, "empirical": EmpiricalFisher,
-}
 
 
 class KFACOperator(LinearOperator):
-    """``blockdiag(A_ℓ ⊗ G_ℓ)`` over the layers, zero elsewhere.
+    """``blockdiag(A_ℓ ⊗ G_ℓ)`` over the layers of a curvature, zero elsewhere.
 
     Args:
         model: the network whose parameters define the flat order.
         layers: layer name → helper.
-        factors: layer name → ``(A, G)``.
+        blocks: layer name → curvature block (e.g. :class:`~natgrad.blocks.KroneckerBlock`), or
+            ``(A, G)`` factor pairs.
         params: parameters the operator acts on (default: every trainable one).
     """
 
@@ -49,28 +48,41 @@ class KFACOperator(LinearOperator):
         self,
         model: nn.Module,
         layers: dict[str, LayerHelper],
-        factors: dict[str, tuple[KroneckerFactor, KroneckerFactor]],
+        blocks: dict[str, Any],
         params: Sequence[Tensor] | Sequence[str] | None = None,
     ) -> None:
+        from ..blocks import KroneckerBlock
+
         selected = select_params(model, params)
         p0 = selected[0][1]
         super().__init__([n for n, _ in selected], [p.shape for _, p in selected], p0.dtype,
                          p0.device)
         index = {id(p): i for i, (_, p) in enumerate(selected)}
         self.layers = {n: h for n, h in layers.items() if all(id(p) in index for p in h.params)}
-        self.factors = {n: factors[n] for n in self.layers}
+        self.blocks: dict[str, CurvatureBlock] = {
+            n: blocks[n] if isinstance(blocks[n], CurvatureBlock) else KroneckerBlock(*blocks[n])
+            for n in self.layers}
         self._index = {n: [index[id(p)] for p in h.params] for n, h in self.layers.items()}
         covered = {i for idx in self._index.values() for i in idx}
         self.uncovered = [n for i, n in enumerate(self.names) if i not in covered]
 
+    @property
+    def factors(self) -> dict[str, tuple[KroneckerFactor, ...]]:
+        """Layer name → the block's factors (``(A, G)``)."""
+        return {n: b.factors for n, b in self.blocks.items()}
+
     # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_curvature(cls, curvature: KroneckerCurvature,
+                       params: Sequence[Tensor] | None = None) -> KFACOperator:
+        """The operator of a curvature's current blocks."""
+        return cls(curvature.model, curvature.layers, curvature.blocks, params)
+
     @classmethod
     def from_optimizer(cls, optimizer: Any, params: Sequence[Tensor] | None = None
                        ) -> KFACOperator:
         """The operator of a :class:`natgrad.KFAC` optimizer's current factors."""
-        from ..optim.kfac import unwrap
-
-        return cls(unwrap(optimizer.model), optimizer.layers, optimizer.factors, params)
+        return cls.from_curvature(optimizer.curvature, params)
 
     @classmethod
     def from_data(
@@ -78,19 +90,18 @@ class KFACOperator(LinearOperator):
         model: nn.Module,
         data: Data,
         loss: str = "cross_entropy",
-        fisher: str = "type2",
+        fisher: str = "exact",
         strategy: str = "eigh",
-        factor_options: dict[str, Any] | None = None,
+        factor_options: Any = None,
         chunk_size: int = 256,
         mc_samples: int = 1,
         seed: int = 0,
+        output_key: str | int | None = None,
     ) -> KFACOperator:
         """Fresh factors of ``strategy`` from one pass over ``data`` (see the module docstring)."""
         layers, stats, num_samples = layer_statistics(
-            model, data, loss, fisher, chunk_size, mc_samples, seed
-        )
-        return cls.from_statistics(model, layers, stats, num_samples, strategy,
-                                   factor_options)
+            model, data, loss, fisher, chunk_size, mc_samples, seed, output_key)
+        return cls.from_statistics(model, layers, stats, num_samples, strategy, factor_options)
 
     @classmethod
     def from_statistics(
@@ -100,31 +111,45 @@ class KFACOperator(LinearOperator):
         stats: dict[str, tuple[Tensor, Tensor, int]],
         num_samples: int,
         strategy: str = "eigh",
-        factor_options: dict[str, Any] | None = None,
+        factor_options: Any = None,
     ) -> KFACOperator:
         """Factors of ``strategy`` from :func:`layer_statistics` output (shareable between
-        strategies): per layer ``(rows or square root of Σ āāᵀ, same for Σ ggᵀ, T)``."""
-        factors = {}
+        strategies): per layer ``(rows or square root of Σ āāᵀ, same for Σ ggᵀ, T)``.
+
+        The factors are made by the same :class:`~natgrad.curvature.KroneckerCurvature` as the
+        optimizer's (same strategies, options and precision rule) and filled in one update."""
+        from ..curvature import LayerStatistics
+        from ..curvature.registration import Registration
+
+        curvature = KroneckerCurvature(
+            model, [p for h in layers.values() for p in h.params], strategy=strategy,
+            options=factor_options, registration=Registration(layers=dict(layers)))
+        rows = {}
         for name, (RA, RG, T) in stats.items():
-            helper = layers[name]
-            w = helper.module.weight
-            opts = {"dtype": w.dtype, "device": w.device, **(factor_options or {})}
-            A = _factor_from_rows(strategy, RA, helper.input_scale(num_samples), opts)
-            G = _factor_from_rows(strategy, RG, helper.output_grad_scale(num_samples, T), opts)
-            factors[name] = (A, G)
-        return cls(model, layers, factors)
+            helper, (A, _) = layers[name], curvature.blocks[name].factors
+            rows[name] = LayerStatistics(RA.to(A.dtype), helper.input_scale(num_samples),
+                                         RG.to(A.dtype), helper.output_grad_scale(num_samples, T),
+                                         num_samples)
+        curvature.update(rows, decay=0.0)
+        for name in rows:
+            for f in curvature.blocks[name].factors:
+                if f.spectral:
+                    f.refresh(0.0)
+        return cls(model, {n: layers[n] for n in rows},
+                   {n: curvature.blocks[n] for n in rows})
 
     # ------------------------------------------------------------------ products
     def _matmat(self, V: Tensor) -> Tensor:
         out = torch.zeros_like(V)
         for name, helper in self.layers.items():
-            A, G = self.factors[name]
+            block = self.blocks[name]
+            dtype = block.factors[0].dtype
             idx = self._index[name]
             for j in range(V.shape[1]):
                 parts = [V[self.offsets[i]:self.offsets[i + 1], j].reshape(self.shapes[i])
                          for i in idx]
-                M = helper.grad_matrix(parts).to(A.dtype)
-                R = kronecker_matvec(M, A, G).to(self.dtype)
+                M = helper.grad_matrix(parts).to(dtype)
+                R = block.matvec(M).to(self.dtype)
                 for i, t in zip(idx, helper.split_matrix(R)):
                     out[self.offsets[i]:self.offsets[i + 1], j] = t.reshape(-1)
         return out
@@ -133,143 +158,53 @@ class KFACOperator(LinearOperator):
         """``(P,)``: ``diag(A ⊗ G) = vec(diag G diag Aᵀ)`` per block, zero elsewhere."""
         out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         for name, helper in self.layers.items():
-            A, G = self.factors[name]
-            D = torch.outer(G.to_dense().diagonal(), A.to_dense().diagonal()).to(self.dtype)
+            D = self.blocks[name].diagonal().to(self.dtype)
             for i, t in zip(self._index[name], helper.split_matrix(D)):
                 out[self.offsets[i]:self.offsets[i + 1]] = t.reshape(-1)
         return out
 
-    def layer_factors(self) -> dict[str, tuple[KroneckerFactor, KroneckerFactor]]:
+    def layer_factors(self) -> dict[str, tuple[KroneckerFactor, ...]]:
         """Layer name → ``(A, G)``."""
-        return dict(self.factors)
-
-
-def _factor_from_rows(strategy: str, rows: Tensor, scale: float, opts: dict[str, Any]
-                      ) -> KroneckerFactor:
-    """A factor representing ``scale · rowsᵀ rows``."""
-    factor = make_factor(strategy, rows.shape[1], **opts)
-    factor.update(rows.to(opts["dtype"]), scale, decay=0.0)
-    if factor.spectral:
-        factor.refresh(0.0)
-    return factor
-
-
-class _Gram:
-    """``Σ XᵀX`` over batches as rows ``R`` (``RᵀR = Σ XᵀX``): the raw rows while there are at
-    most ``d`` of them, then a ``(d, d)`` square root of the summed Gram matrix."""
-
-    def __init__(self) -> None:
-        self.rows: list[Tensor] = []
-        self.gram: Tensor | None = None
-
-    def add(self, X: Tensor) -> None:
-        if self.gram is None:
-            self.rows.append(X)
-            if sum(r.shape[0] for r in self.rows) <= X.shape[1]:
-                return
-            R = torch.cat(self.rows)
-            self.rows = []
-            self.gram = R.T @ R
-        else:
-            self.gram = self.gram + X.T @ X
-
-    def root(self) -> Tensor:
-        if self.gram is None:
-            return torch.cat(self.rows)
-        lam, Q = torch.linalg.eigh(self.gram.double())
-        return (Q * lam.clamp_min(0).sqrt()).T.to(self.gram.dtype)
+        return self.factors
 
 
 def layer_statistics(
-    model: nn.Module, data: Data, loss: str = "cross_entropy", fisher: str = "type2",
+    model: nn.Module, data: Data, loss: str = "cross_entropy", fisher: str = "exact",
     chunk_size: int = 256, mc_samples: int = 1, seed: int = 0,
+    output_key: str | int | None = None,
 ) -> tuple[dict[str, LayerHelper], dict[str, tuple[Tensor, Tensor, int]], int]:
-    """``(layers, stats, N)`` for :meth:`KFACOperator.from_statistics` (one pass over data)."""
-    if fisher not in _FISHERS:
-        raise ValueError(f"fisher={fisher!r} is not supported; accepted: {sorted(_FISHERS)}")
+    """``(layers, stats, N)`` for :meth:`KFACOperator.from_statistics` (one pass over data).
+
+    The layers are those the optimizer would precondition (:func:`natgrad.curvature.discover`,
+    all trainable parameters); the statistics come from :func:`natgrad.curvature.data_statistics`.
+    """
     check_deterministic(model)
-    kwargs = {"mc_samples": mc_samples, "seed": seed} if fisher == "mc" else {}
-    ggn = _FISHERS[fisher](model, data, loss, chunk_size=chunk_size, **kwargs)
-    layers = {}
-    for name, module in model.named_modules():
-        helper, _ = helper_for(module)
-        if helper is not None:
-            layers[name] = helper
-    return layers, _layer_sums(layers, ggn), ggn.num_samples
+    layers = discover(model, [p for p in model.parameters() if p.requires_grad]).layers
+    stats, n = data_statistics(model, layers, data, get_likelihood(loss), fisher,
+                               chunk_size=chunk_size, mc_samples=mc_samples, seed=seed,
+                               output_key=output_key)
+    return layers, stats, n
 
 
-def _layer_pullbacks(ggn: GGNOperator, layers: dict[str, LayerHelper]) -> Iterator[
-    tuple[int, dict[str, Tensor], dict[str, Tensor], Iterator[dict[str, Tensor]]]
-]:
-    """One forward per chunk of ``ggn.data``; yields ``(m, inputs, outputs, pullbacks)``: the
-    layers' inputs and outputs, and for each row ``r`` of the output factor ``B_n`` the
-    gradients ``∂(Σ_n (B_n f_n)_r) / ∂s`` at every layer output ``s``. Consume ``pullbacks``
-    before advancing (the chunk's graph is freed after the last row)."""
-    store: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def hook(name: str):
-        def fn(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            store[name] = (inputs[0].detach(), output)
-            return output.clone()  # later in-place ops act on a copy
-        return fn
-
-    def rows(B: Tensor, out: Tensor, names: list[str]) -> Iterator[dict[str, Tensor]]:
-        outs = [store[n][1] for n in names]
-        for r in range(B.shape[1]):
-            with torch.enable_grad():
-                grads = torch.autograd.grad((B[:, r, :] * out).sum(), outs,
-                                            retain_graph=r < B.shape[1] - 1, allow_unused=True)
-            yield {n: g for n, g in zip(names, grads) if g is not None}
-
-    handles = [h.module.register_forward_hook(hook(n)) for n, h in layers.items()]
-    try:
-        for i, (x, y) in enumerate(iter_chunks(ggn.data, ggn.chunk_size)):
-            x = x.to(device=ggn.device, dtype=ggn.dtype).requires_grad_(True)
-            with torch.enable_grad():
-                out = ggn.model(x).flatten(1)
-                B = ggn.output_factor(out.detach(), y, i)  # (m, R, C)
-            names = [n for n in store if store[n][1].requires_grad]
-            inputs = {n: store[n][0] for n in names}
-            outputs = {n: store[n][1] for n in names}
-            yield out.shape[0], inputs, outputs, rows(B, out, names)
-            store.clear()
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _layer_sums(
-    layers: dict[str, LayerHelper], ggn: GGNOperator
-) -> dict[str, tuple[Tensor, Tensor, int]]:
-    """Per layer ``(R_A, R_G, T)`` with ``R_AᵀR_A = Σ āāᵀ`` and ``R_GᵀR_G = Σ ggᵀ``, ``g`` the
-    rows of ``B_n`` pulled back to the layer output."""
-    sums: dict[str, list] = {}
-    for _, inputs, outputs, pullbacks in _layer_pullbacks(ggn, layers):
-        for n, a in inputs.items():
-            helper = layers[n]
-            s = sums.setdefault(n, [_Gram(), _Gram(), helper.locations(outputs[n])])
-            s[0].add(helper.input_rows(a))
-        for grads in pullbacks:
-            for n, g in grads.items():
-                sums[n][1].add(layers[n].output_grad_rows(g))
-    return {n: (s[0].root(), s[1].root(), s[2]) for n, s in sums.items()
-            if s[1].rows or s[1].gram is not None}
-
-
-def layer_traces(ggn: GGNOperator, layers: dict[str, LayerHelper],
+def layer_traces(ggn: Any, layers: dict[str, LayerHelper],
                  memory_elements: int = 1 << 24) -> dict[str, float]:
-    """Exact ``tr F_ℓℓ = (1/N) Σ_n Σ_r ‖∂(B_n f_n)_r / ∂θ_ℓ‖²`` per layer, from one forward and
-    ``R`` backward passes per chunk to the layer outputs (no per-sample gradients of all
-    parameters): the per-sample gradient of a layer is ``Σ_t g_t ā_tᵀ`` with the helpers' rows,
-    whose squared norm is ``‖g‖² ‖ā‖²`` when ``T = 1``. Needs an eval-mode model whose samples do
-    not interact (checked by the operator)."""
+    """Exact ``tr F_ℓℓ = (1/N) Σ_n Σ_r ‖∂(B_n f_n)_r / ∂θ_ℓ‖²`` per layer, from one forward and a
+    batched pull-back of the ``R`` output directions per chunk to the layer outputs (no per-sample
+    gradients of all parameters): the per-sample gradient of a layer is ``Σ_t g_t ā_tᵀ`` with the
+    helpers' rows, whose squared norm is ``‖g‖² ‖ā‖²`` when ``T = 1``. Needs an eval-mode model
+    whose samples do not interact (checked by the operator).
+
+    ``ggn``: a Fisher operator (:class:`~natgrad.fisher.ExactFisher`, ``MCFisher``,
+    ``EmpiricalFisher``); its data, Fisher kind, chunks and Monte-Carlo seed are used."""
     sums = {n: torch.zeros((), dtype=torch.float64) for n in layers}
-    for m, inputs, _, pullbacks in _layer_pullbacks(ggn, layers):
+    kw = {"mc_samples": ggn.mc_samples, "seed": ggn.seed} if ggn.fisher == "mc" else {}
+    for m, inputs, _, grads in pullbacks(ggn.model, layers, ggn.data, ggn.likelihood,
+                                         ggn.fisher, chunk_size=ggn.chunk_size, **kw):
         A = {n: layers[n].input_rows(a).reshape(m, -1, layers[n].in_dim)
              for n, a in inputs.items()}
-        for grads in pullbacks:
-            for n, g in grads.items():
-                G = layers[n].output_grad_rows(g).reshape(m, -1, layers[n].out_dim)
+        for n, g in grads.items():
+            for r in range(g.shape[0]):
+                G = layers[n].output_grad_rows(g[r]).reshape(m, -1, layers[n].out_dim)
                 sums[n] += _per_sample_sq_norms(G, A[n], memory_elements)
     return {n: float(v) / ggn.num_samples for n, v in sums.items()}
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..optim.kfac import unwrap
+from ..curvature import unwrap
 from .ggn import ExactFisher
 from .lanczos import lanczos_topk
 from .trace import exact_trace

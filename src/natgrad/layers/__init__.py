@@ -1,7 +1,7 @@
-"""Layer helpers: one per module type, chosen from a table.
+"""Layer helpers: one per module type, chosen from a table (:data:`HELPERS`).
 
-Adding a layer type = one new module with a :class:`LayerHelper` subclass and one entry in
-:data:`HELPERS`.
+Adding a layer type = one new module with a :class:`LayerHelper` subclass and one
+:func:`register_layer` call.
 """
 
 from __future__ import annotations
@@ -11,26 +11,18 @@ from torch import nn
 from .base import LayerHelper
 from .conv2d import Conv2dHelper
 from .linear import LinearHelper
+from .registry import HELPERS, helper_class, helper_for, register_layer, unregister_layer
 
-HELPERS: dict[type[nn.Module], type[LayerHelper]] = {
-    nn.Linear: LinearHelper,
-    nn.Conv2d: Conv2dHelper,
-}
+register_layer(nn.Linear, LinearHelper)
+register_layer(nn.Conv2d, Conv2dHelper)
 
-
-def helper_for(module: nn.Module) -> tuple[LayerHelper | None, str | None]:
-    """The helper for ``module`` and, when it cannot be preconditioned, the reason why.
-
-    Returns ``(None, None)`` for module types without a helper (they hold no weights we precondition
-    or are simply not known), ``(None, reason)`` for known but unsupported configurations.
-    """
-    cls = HELPERS.get(type(module))
-    if cls is None:
-        return None, None
-    reason = cls.unsupported_reason(module)
-    if reason is not None:
-        return None, reason
-    return cls(module), None
-
-
-__all__ = ["HELPERS", "LayerHelper", "LinearHelper", "Conv2dHelper", "helper_for"]
+__all__ = [
+    "HELPERS",
+    "Conv2dHelper",
+    "LayerHelper",
+    "LinearHelper",
+    "helper_class",
+    "helper_for",
+    "register_layer",
+    "unregister_layer",
+]

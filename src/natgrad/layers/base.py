@@ -11,10 +11,13 @@ Kronecker factors are ``A = E[ā āᵀ]`` of shape ``(d_A, d_A)`` and ``G = E[g 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from ..blocks import CurvatureBlock, KroneckerBlock
+from ..factors import make_factor
 
 
 class LayerHelper(ABC):
@@ -61,6 +64,16 @@ class LayerHelper(ABC):
     @property
     def num_params(self) -> int:
         return self.out_dim * self.in_dim
+
+    # ---------------------------------------------------------------- curvature
+    def make_block(self, strategy: str, options: Any, dtype: torch.dtype,
+                   device: torch.device) -> CurvatureBlock:
+        """The layer's curvature block: ``A ⊗ G`` with factors of ``strategy`` (a helper whose
+        layer needs another structure overrides this)."""
+        return KroneckerBlock(
+            make_factor(strategy, self.in_dim, options, dtype=dtype, device=device),
+            make_factor(strategy, self.out_dim, options, dtype=dtype, device=device),
+        )
 
     # ---------------------------------------------------------------- statistics
     @abstractmethod

@@ -16,15 +16,16 @@ ones use only ``params``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # pragma: no cover - the table itself imports no torch (fast CLI help)
+    import torch
+    from torch import nn
 
-Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
-Factory = Callable[..., torch.optim.Optimizer]
+Params = Any  # parameters or param groups
+Factory = Callable[..., "torch.optim.Optimizer"]
 
 
 @dataclass(frozen=True)
@@ -37,28 +38,32 @@ class OptimizerSpec:
         description: one line for ``--help``.
         lr_by_loss: default learning rates that differ by loss kind (e.g. ``{"bce": 1e-3}`` where
             the summed reconstruction loss makes gradients larger), overriding ``default_lr``.
+        strategy: the factor strategy of a :class:`natgrad.KFAC` entry (``None`` otherwise).
     """
 
     factory: Factory
     default_lr: float
     description: str = ""
     lr_by_loss: dict[str, float] = field(default_factory=dict)
+    strategy: str | None = None
 
     def lr_for(self, loss_kind: str) -> float:
         """The default learning rate for a loss kind."""
         return self.lr_by_loss.get(loss_kind, self.default_lr)
 
 
-def _sgd(
-    model: nn.Module, params: Params, lr: float, loss_kind: str, **kw: Any
-) -> torch.optim.Optimizer:
+def _sgd(model: nn.Module, params: Params, lr: float, loss_kind: str,
+         **kw: Any) -> torch.optim.Optimizer:
+    import torch
+
     kw.setdefault("momentum", 0.9)
     return torch.optim.SGD(params, lr=lr, **kw)
 
 
-def _adam(
-    model: nn.Module, params: Params, lr: float, loss_kind: str, **kw: Any
-) -> torch.optim.Optimizer:
+def _adam(model: nn.Module, params: Params, lr: float, loss_kind: str,
+          **kw: Any) -> torch.optim.Optimizer:
+    import torch
+
     return torch.optim.Adam(params, lr=lr, **kw)
 
 
@@ -111,9 +116,8 @@ def make_optimizer(
 def _kfac_strategy(strategy: str, **defaults: Any) -> Factory:
     """A factory for :class:`natgrad.KFAC` with the named factor strategy and default options."""
 
-    def factory(
-        model: nn.Module, params: Params, lr: float, loss_kind: str, **kw: Any
-    ) -> torch.optim.Optimizer:
+    def factory(model: nn.Module, params: Params, lr: float, loss_kind: str,
+                **kw: Any) -> torch.optim.Optimizer:
         from .kfac import KFAC
 
         kw = {"factors": strategy, **defaults, **kw}
@@ -123,25 +127,26 @@ def _kfac_strategy(strategy: str, **defaults: Any) -> Factory:
 
 
 OPTIMIZERS["kfac"] = OptimizerSpec(
-    _kfac_strategy("eigh"), default_lr=0.1, description="K-FAC, dense eigendecompositions"
+    _kfac_strategy("eigh"), default_lr=0.1, description="K-FAC, dense eigendecompositions",
+    strategy="eigh",
 )
 OPTIMIZERS["rkfac"] = OptimizerSpec(
     _kfac_strategy("recursive"),
     default_lr=0.1,
     description="K-FAC, dense inverses maintained by Woodbury updates",
+    strategy="recursive",
 )
 OPTIMIZERS["pkfac"] = OptimizerSpec(
     # Curvature is refreshed 10x less often than kfac's, so each refresh gets more weight
-    # (ρ = 0.8 per refresh): the factors' memory in steps stays comparable to kfac's. Rank 24:
-    # the preconditioning cost is linear in the rank and ranks 24 and 32 train alike on the
-    # embedded MNIST models (docs/DISCUSSION.md).
+    # (ρ = 0.8 per refresh): the factors' memory in steps stays comparable to kfac's. The rank
+    # is the projected strategy's default, 24 (natgrad.factors.ProjectedOptions).
     _kfac_strategy(
         "projected",
-        factor_options={"rank": 24},
         curvature_every=10,
         inverse_every=10,
         factor_decay=0.8,
     ),
     default_lr=0.1,
     description="projected K-FAC: rank-24 eigen-subspace + scaled identity, recursive refresh",
+    strategy="projected",
 )

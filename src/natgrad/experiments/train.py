@@ -33,8 +33,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .distributed import all_reduce_sum, is_main, shard
-from .losses import LossKind, get_loss
+from ..distributed import all_reduce_sum, is_main, shard
+from ..losses import LossKind, get_loss
 
 HistoryRow = dict[str, Any]
 Callback = Callable[[int, nn.Module, HistoryRow], None]

@@ -10,10 +10,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from natgrad.data import load_dataset
+from natgrad.experiments.train import TrainConfig, evaluate, train
 from natgrad.losses import LOSSES, get_loss
 from natgrad.models import build_model
 from natgrad.optim import make_optimizer
-from natgrad.train import TrainConfig, evaluate, train
 
 
 @pytest.fixture(scope="module")

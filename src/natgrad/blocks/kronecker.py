@@ -1,0 +1,62 @@
+"""The Kronecker-factored block ``A ⊗ G`` of Linear, Conv2d and Embedding layers (K-FAC)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..factors import (
+    Direction,
+    FactorUpdate,
+    KroneckerFactor,
+    kronecker_matvec,
+    refresh_pair,
+    solve,
+)
+from .base import CurvatureBlock, LayerStatistics
+
+
+def _label(f: KroneckerFactor) -> str:
+    state = f.state_summary()
+    return f"{f.describe()} [{state}]" if state else f.describe()
+
+
+class KroneckerBlock(CurvatureBlock):
+    """``F_ℓ ≈ A ⊗ G`` with factors of any strategy (``A``: ``d_A × d_A``, ``G``: ``d_G × d_G``)."""
+
+    def __init__(self, A: KroneckerFactor, G: KroneckerFactor) -> None:
+        self.A, self.G = A, G
+        self.factors = (A, G)
+
+    def stage(self, stats: LayerStatistics, decay: float) -> list[FactorUpdate]:
+        items = []
+        for factor, rows, scale, sq, moment in (
+            (self.A, stats.a, stats.a_scale, stats.a_sq, stats.a_moment),
+            (self.G, stats.g, stats.g_scale, stats.g_sq, stats.g_moment),
+        ):
+            if moment:
+                factor.update_moment(rows, scale, decay)
+            else:
+                items.append(FactorUpdate(factor, rows, scale, sq))
+        return items
+
+    def refresh(self, damping: float) -> None:
+        if self.A.updates == 0 or self.G.updates == 0:
+            return  # no statistics yet (e.g. the update was skipped): nothing to invert
+        refresh_pair(self.A, self.G, damping)
+
+    def solve(self, blocks: list[Tensor], damping: float,
+              norm2: Tensor | None = None) -> Direction:
+        return solve(blocks, self.A, self.G, damping, norm2)
+
+    def matvec(self, V: Tensor) -> Tensor:
+        return kronecker_matvec(V, self.A, self.G)
+
+    def diagonal(self) -> Tensor:
+        return torch.outer(self.G.to_dense().diagonal(), self.A.to_dense().diagonal())
+
+    def describe(self) -> str:
+        return f"A: {self.A.describe()}  G: {self.G.describe()}"
+
+    def summary(self) -> str:
+        return f"A: {_label(self.A)}  G: {_label(self.G)}"

@@ -1,0 +1,235 @@
+"""The analysis' capture: Kronecker statistics from one pass over a data set (no training loop).
+
+The same row math as the optimizer's capture (:mod:`.rows`, the layer helpers), driven by a loop
+over chunks instead of the user's own backward: each chunk's forward records the layers' inputs
+and output edges, the Fisher kind's output directions are pulled back to the layers in one
+batched backward, and the rows are summed.
+
+**Data.** ``data`` is a tuple ``(X,)`` / ``(X, y)``, a ``TensorDataset``, or any iterable of
+``(x, y)`` batches (a ``DataLoader``; it must iterate in a fixed order for the Monte-Carlo Fisher to
+be one fixed matrix). An input ``x`` may be a tensor (``model(x)``), a tuple of tensors
+(``model(*x)``) or a dict of tensors (``model(**x)``); every tensor is batch-first, and floating
+tensors are cast to the model's dtype, integer ones (token ids) are left as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+
+from ..layers import LayerHelper
+from ..likelihoods import Likelihood
+from .outputs import find_output
+from .rows import output_directions, pullback
+from .statistics import check_fisher
+
+Data = Iterable[Any] | tuple[Any, ...]
+
+_STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
+
+
+def check_deterministic(model: nn.Module) -> None:
+    """``ValueError`` if ``model`` is in train mode and holds Dropout / BatchNorm modules.
+
+    Their train-mode outputs are random or depend on the whole batch, so a Fisher defined per
+    sample is not well defined; the user must choose ``model.eval()`` explicitly (we never call it).
+    """
+    bad = [f"{n or '<model>'} ({type(m).__name__})" for n, m in model.named_modules()
+           if isinstance(m, _STOCHASTIC) and m.training]
+    if bad:
+        raise ValueError(
+            "the model is in train mode and contains non-deterministic modules: "
+            f"{', '.join(bad)}; call model.eval() before building a Fisher operator"
+        )
+
+
+def batch_size(x: Any) -> int:
+    """The leading size of an input (a tensor, a tuple or a dict of tensors)."""
+    if isinstance(x, Tensor):
+        return int(x.shape[0])
+    values = list(x.values()) if isinstance(x, dict) else list(x)
+    for v in values:
+        if isinstance(v, Tensor):
+            return int(v.shape[0])
+    raise ValueError(f"an input batch must hold a tensor, got {type(x).__name__}")
+
+
+def _slice(x: Any, s: slice) -> Any:
+    if isinstance(x, Tensor):
+        return x[s]
+    if isinstance(x, dict):
+        return {k: v[s] if isinstance(v, Tensor) else v for k, v in x.items()}
+    return type(x)(v[s] if isinstance(v, Tensor) else v for v in x)
+
+
+def to_model(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """``x`` on ``device``; floating tensors in ``dtype``, integer ones (ids) unchanged."""
+    def move(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+    if isinstance(x, Tensor):
+        return move(x)
+    if isinstance(x, dict):
+        return {k: move(v) for k, v in x.items()}
+    return type(x)(move(v) for v in x)
+
+
+def model_args(x: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` the model is called with for input ``x`` (see the module docstring)."""
+    if isinstance(x, dict):
+        return (), x
+    if isinstance(x, (tuple, list)):
+        return tuple(x), {}
+    return (x,), {}
+
+
+def _split(batch: Any) -> tuple[Any, Tensor | None]:
+    """``(x, y)`` of one batch: a pair ``(x, y)``, a 1-tuple ``(x,)``, or ``x`` alone."""
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+        return batch[0], (batch[1] if len(batch) == 2 else None)
+    return batch, None
+
+
+def iter_chunks(data: Data, chunk_size: int) -> Iterator[tuple[Any, Tensor | None]]:
+    """``(x, y)`` chunks of at most ``chunk_size`` samples (``y`` is ``None`` without labels).
+
+    A tuple is the whole data set, ``(X,)`` or ``(X, y)``; any other iterable yields batches.
+    """
+    if isinstance(data, torch.utils.data.TensorDataset):
+        data = tuple(data.tensors)
+    batches: Iterable[Any] = [data] if isinstance(data, tuple) else data
+    for batch in batches:
+        x, y = _split(batch)
+        n = batch_size(x)
+        for s in range(0, n, chunk_size):
+            yield _slice(x, slice(s, s + chunk_size)), (y[s:s + chunk_size]
+                                                        if y is not None else None)
+
+
+def count_samples(data: Data) -> int:
+    """``N``: the number of samples in ``data`` (one pass over a loader)."""
+    return sum(batch_size(x) for x, _ in iter_chunks(data, 1 << 30))
+
+
+def _memory_batch(edges_numel: int, memory_elements: int) -> int:
+    return max(1, memory_elements // max(1, edges_numel))
+
+
+def pullbacks(
+    model: nn.Module,
+    layers: dict[str, LayerHelper],
+    data: Data,
+    likelihood: Likelihood,
+    fisher: str,
+    *,
+    chunk_size: int = 256,
+    mc_samples: int = 1,
+    seed: int = 0,
+    output_key: str | int | None = None,
+    memory_elements: int = 1 << 26,
+) -> Iterator[tuple[int, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]]:
+    """One forward per chunk of ``data`` and one batched pull-back of the Fisher kind's output
+    directions (:func:`~natgrad.curvature.rows.output_directions`; Monte-Carlo labels of chunk
+    ``i`` drawn from a generator seeded with ``seed + i``).
+
+    Yields:
+        ``(m, inputs, outputs, grads)``: per layer its input ``(m, ...)``, its output and the
+        pulled-back gradients ``(R, *output.shape)`` (layers the output does not depend on are
+        left out).
+    """
+    fisher = check_fisher(fisher)
+    store: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def hook(name: str):
+        def fn(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            store[name] = (inputs[0].detach(), output)
+        return fn
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    handles = [h.module.register_forward_hook(hook(n)) for n, h in layers.items()]
+    try:
+        for i, (x, y) in enumerate(iter_chunks(data, chunk_size)):
+            x = to_model(x, device, dtype)
+            args, kwargs = model_args(x)
+            with torch.enable_grad():
+                out = find_output(model(*args, **kwargs), output_key)
+            names = [n for n in store if store[n][1].requires_grad]
+            gen = torch.Generator(device=out.device).manual_seed(seed + i)
+            directions = output_directions(likelihood, fisher, out, y, gen, samples=mc_samples)
+            numel = sum(store[n][1].numel() for n in names)
+            with torch.enable_grad():
+                grads = pullback(get_gradient_edge(out), [get_gradient_edge(store[n][1])
+                                                          for n in names],
+                                 directions, _memory_batch(numel, memory_elements))
+            yield (batch_size(x), {n: store[n][0] for n in names},
+                   {n: store[n][1] for n in names},
+                   {n: g for n, g in zip(names, grads) if g is not None})
+            store.clear()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class Gram:
+    """``Σ XᵀX`` over batches as rows ``R`` (``RᵀR = Σ XᵀX``): the raw rows while there are at
+    most ``d`` of them, then a ``(d, d)`` square root of the summed Gram matrix."""
+
+    def __init__(self) -> None:
+        self.rows: list[Tensor] = []
+        self.gram: Tensor | None = None
+
+    def add(self, X: Tensor) -> None:
+        if self.gram is None:
+            self.rows.append(X)
+            if sum(r.shape[0] for r in self.rows) <= X.shape[1]:
+                return
+            R = torch.cat(self.rows)
+            self.rows = []
+            self.gram = R.T @ R
+        else:
+            self.gram = self.gram + X.T @ X
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows and self.gram is None
+
+    def root(self) -> Tensor:
+        if self.gram is None:
+            return torch.cat(self.rows)
+        lam, Q = torch.linalg.eigh(self.gram.double())
+        return (Q * lam.clamp_min(0).sqrt()).T.to(self.gram.dtype)
+
+
+def data_statistics(
+    model: nn.Module,
+    layers: dict[str, LayerHelper],
+    data: Data,
+    likelihood: Likelihood,
+    fisher: str = "exact",
+    **kwargs: Any,
+) -> tuple[dict[str, tuple[Tensor, Tensor, int]], int]:
+    """Per layer ``(R_A, R_G, T)`` with ``R_AᵀR_A = Σ āāᵀ`` and ``R_GᵀR_G = Σ ggᵀ`` over ``data``
+    (``T``: locations per sample), and ``N``, the number of samples. ``kwargs``: those of
+    :func:`pullbacks`."""
+    check_deterministic(model)
+    sums: dict[str, list[Any]] = {}
+    total = 0
+    for m, inputs, outputs, grads in pullbacks(model, layers, data, likelihood, fisher,
+                                               **kwargs):
+        total += m
+        for n, a in inputs.items():
+            helper = layers[n]
+            s = sums.setdefault(n, [Gram(), Gram(), helper.locations(outputs[n])])
+            s[0].add(helper.input_rows(a))
+        for n, g in grads.items():
+            for r in range(g.shape[0]):  # one direction at a time: the same sums as before
+                sums[n][1].add(layers[n].output_grad_rows(g[r]))
+    stats = {n: (s[0].root(), s[1].root(), s[2]) for n, s in sums.items() if not s[1].empty}
+    return stats, total

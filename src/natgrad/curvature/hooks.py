@@ -1,0 +1,377 @@
+"""The optimizer's capture: Kronecker statistics from the user's own forward and backward passes.
+
+While :attr:`HookCapture.armed` (the optimizer arms it for curvature steps only), forward hooks on
+the preconditioned layers record each call's input rows ``ā`` and the gradient edge of its output,
+and a hook on the model finds the logits (:mod:`.outputs`). The output gradients ``g`` come
+
+* ``fisher="empirical"``: from the user's own ``loss.backward()``, read where it passes the layer
+  output (a pre-hook on that autograd node, immune to later in-place ops);
+* ``fisher="mc"`` / ``"exact"``: from a pull-back of the Monte-Carlo / Hessian-square-root
+  directions (:mod:`.rows`) to the layer outputs, run *inside* the user's backward the moment it
+  reaches the logits (a pass-through autograd node on the model output), so the labels are drawn
+  only for outputs that are really backpropagated, and the graph is still whole.
+
+**Statistics are committed only by a backward.** A forward that is never backpropagated (an
+extra train-mode forward, a metric) leaves no trace and draws no label; hooks skip eval mode,
+``torch.no_grad()`` and ``torch.func`` transforms (``vmap``/``jacrev`` over the model work while an
+optimizer exists). Several forward/backward passes before one step (accumulation) add up;
+:meth:`HookCapture.discard_backpropagated` drops the committed ones (``optimizer.zero_grad()``
+calls it: those statistics belong to gradients being thrown away, e.g. a step a ``GradScaler``
+skipped).
+
+The user's model is never modified: no attributes are set on it, and its train/eval mode is read,
+never changed. Its output object is not modified either; on curvature steps the forward returns a
+shallow copy whose logits pass through the capture's autograd node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+
+from ..layers import LayerHelper
+from ..likelihoods import Likelihood
+from .outputs import check_output_key, find_output, replace_output
+from .rows import output_directions, pullback
+from .statistics import LayerStatistics, check_fisher
+
+#: how the user's loss is reduced, for the empirical Fisher (which reads its gradient)
+LOSS_REDUCTIONS = ("batch_mean", "mean", "sum")
+#: how gradient accumulation combines the micro-batch losses
+ACCUMULATIONS = ("mean", "sum")
+
+
+def _transformed(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` (vmap / grad / jvp) wrapper."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+@dataclass
+class _Record:
+    """One call of a layer during a pass."""
+
+    name: str
+    a: Tensor  # (n, d_A) input rows
+    samples: int
+    locations: int
+    edge: Any  # the GradientEdge of the layer output
+    g: list[Tensor] = field(default_factory=list)  # output-gradient rows, one entry per backward
+    reached: bool = False  # the user's backward passed the layer output
+    handle: Any = None
+
+
+@dataclass
+class _Pass:
+    """One forward of the model (or the layer calls made outside any forward of it)."""
+
+    records: list[_Record] = field(default_factory=list)
+    output: Tensor | None = None  # the logits' value (mc / exact) or None
+    edge: Any = None  # the logits' GradientEdge
+    terms: int | None = None  # likelihood terms in the pass (for loss_reduction="mean")
+    scale: float = 1.0  # the grad scaler's scale at the forward
+    tapped: bool = False  # the Monte-Carlo / exact pull-back ran
+    finite: bool = True
+
+    @property
+    def backpropagated(self) -> bool:
+        return self.tapped or any(r.g for r in self.records)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on the logits whose backward first pulls the capture's directions back."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, pull: Callable[[], None]) -> Tensor:
+        ctx.pull = pull
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        ctx.pull()
+        return grad, None
+
+
+@dataclass
+class CaptureReport:
+    """What the last :meth:`HookCapture.collect` saw, for the optimizer's warnings.
+
+    Attributes:
+        called: layers whose forward ran (and was recorded) since the previous collect.
+        complete: layers with statistics.
+        without_output: layers the backward reached although the model output the labels are
+            sampled from was never backpropagated (the forward did not go through the model,
+            or the loss ignores its output): no Monte-Carlo / exact rows for them.
+    """
+
+    called: set[str] = field(default_factory=set)
+    complete: set[str] = field(default_factory=set)
+    without_output: set[str] = field(default_factory=set)
+
+
+class HookCapture:
+    """Hooks on ``layers`` (name → helper) of ``model`` that collect :class:`LayerStatistics`.
+
+    Args:
+        model: the module whose forward produces the output (DDP already unwrapped).
+        layers: the preconditioned layers.
+        likelihood: how the output is read.
+        fisher: ``"mc"``, ``"empirical"`` or ``"exact"``.
+        generator: draws the Monte-Carlo labels.
+        output_key: where the logits are in the model's output (:mod:`.outputs`).
+        loss_reduction: for ``"empirical"``: ``"batch_mean"`` (the loss is the batch mean of
+            per-sample negative log-likelihoods, each summed over positions: natgrad's
+            convention), ``"mean"`` (the mean over every term, torch's default for flattened
+            sequence logits or elementwise losses) or ``"sum"``.
+        accumulation: ``"mean"`` (each of the ``K`` micro-batch losses of a step divided by
+            ``K``, so the gradient is the full-batch one) or ``"sum"`` (summed as they are).
+        grad_scaler: a ``torch.amp.GradScaler`` whose scale the user's gradients carry.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: dict[str, LayerHelper],
+        likelihood: Likelihood,
+        fisher: str = "mc",
+        generator: torch.Generator | None = None,
+        *,
+        output_key: str | int | None = None,
+        loss_reduction: str = "batch_mean",
+        accumulation: str = "mean",
+        grad_scaler: Any = None,
+    ) -> None:
+        self.fisher = check_fisher(fisher)
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"invalid loss_reduction={loss_reduction!r}: accepted values: "
+                             f"{list(LOSS_REDUCTIONS)}")
+        if accumulation not in ACCUMULATIONS:
+            raise ValueError(f"invalid accumulation={accumulation!r}: accepted values: "
+                             f"{list(ACCUMULATIONS)}")
+        self.model = model
+        self.layers = layers
+        self.likelihood = likelihood
+        self.generator = generator
+        self.output_key = check_output_key(output_key)
+        self.loss_reduction = loss_reduction
+        self.accumulation = accumulation
+        self.grad_scaler = grad_scaler
+        self.report = CaptureReport()
+        self._passes: list[_Pass] = []
+        self._current: _Pass | None = None
+        self._orphans: _Pass | None = None  # layer calls outside any model forward
+        self._handles: list[Any] = []
+        self._armed = False
+        self._removed = False
+
+    # ------------------------------------------------------------------ arming
+    @property
+    def armed(self) -> bool:
+        """Whether forward passes are recorded. The hooks are attached only while armed, so steps
+        without a curvature update run the model exactly as without natgrad."""
+        return self._armed
+
+    @armed.setter
+    def armed(self, value: bool) -> None:
+        value = bool(value)
+        if value and not self._handles and not self._removed:
+            self._handles = [
+                helper.module.register_forward_hook(self._layer_hook(name, helper))
+                for name, helper in self.layers.items()
+            ]
+            self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook))
+            self._handles.append(self.model.register_forward_hook(self._model_hook))
+        elif not value and self._handles:
+            self._detach()
+        self._armed = value and not self._removed
+
+    #: the name the switch had before the curvature engine
+    active = armed
+
+    # ------------------------------------------------------------------ hooks
+    def _recording(self, module: nn.Module, output: Any) -> bool:
+        return (self._armed and module.training and torch.is_grad_enabled()
+                and isinstance(output, Tensor) and output.requires_grad
+                and not _transformed(output))
+
+    def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
+        if self._armed and module.training and torch.is_grad_enabled():
+            scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+            self._current = _Pass(scale=scale)
+
+    def _layer_hook(self, name: str, helper: LayerHelper) -> Callable:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if not self._recording(module, output):
+                return
+            x = inputs[0].detach()
+            edge = get_gradient_edge(output)
+            record = _Record(name, helper.input_rows(x), x.shape[0], helper.locations(output),
+                             edge)
+            record.handle = edge.node.register_prehook(self._grad_hook(record, helper))
+            owner = self._current
+            if owner is None:  # called outside a forward of the model
+                if self._orphans is None:
+                    self._orphans = _Pass()
+                owner = self._orphans
+            owner.records.append(record)
+
+        return hook
+
+    def _grad_hook(self, record: _Record, helper: LayerHelper) -> Callable:
+        index = record.edge.output_nr
+
+        def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            record.reached = True
+            grad = grad_outputs[index]
+            if self.fisher == "empirical" and grad is not None:
+                record.g.append(helper.output_grad_rows(grad.detach()))
+            return None
+
+        return hook
+
+    def _model_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        current, self._current = self._current, None
+        if current is None:
+            return None
+        self._passes.append(current)
+        logits = find_output(output, self.output_key)
+        if _transformed(logits):
+            return None
+        current.terms = int(logits.shape[0]) * self.likelihood.positions(logits)
+        if self.fisher == "empirical" or not logits.requires_grad or not current.records:
+            return None
+        current.output = logits.detach().clone()
+        current.edge = get_gradient_edge(logits)
+        return replace_output(output, self.output_key,
+                              _Tap.apply(logits, lambda: self._pull(current)))
+
+    def _pull(self, p: _Pass) -> None:
+        """Inside the user's backward, at the logits: the Monte-Carlo / exact rows of the pass."""
+        if p.tapped or p.output is None:
+            return
+        p.tapped = True
+        if not bool(torch.isfinite(p.output).all()):
+            p.finite = False  # nothing sensible to sample from; the step is skipped anyway
+            return
+        with torch.enable_grad():
+            directions = output_directions(self.likelihood, self.fisher, p.output,
+                                           generator=self.generator)
+            grads = pullback(p.edge, [r.edge for r in p.records], directions)
+        for record, grad in zip(p.records, grads):
+            if grad is not None:
+                helper = self.layers[record.name]
+                record.g.append(helper.output_grad_rows(grad.detach().flatten(0, 1)))
+
+    # ------------------------------------------------------------------ API
+    def _all_passes(self) -> list[_Pass]:
+        passes = list(self._passes)
+        if self._orphans is not None:
+            passes.append(self._orphans)
+        return passes
+
+    def collect(self) -> dict[str, LayerStatistics]:
+        """Statistics of the backpropagated passes since the last call, per layer (layers without
+        any omitted); :attr:`report` says what was seen. Clears everything."""
+        passes = [p for p in self._all_passes() if p.finite]
+        report = CaptureReport()
+        done = [p for p in passes if p.backpropagated]
+        scale_now = (float(self.grad_scaler.get_scale()) if self.grad_scaler is not None
+                     else 1.0)
+        # a pass taken at another scale belongs to a step the scaler skipped
+        done = [p for p in done if p is self._orphans or p.scale == scale_now]
+        K = len(done)
+        parts: dict[str, tuple[list[Tensor], list[Tensor], list[int], list[int]]] = {}
+        for p in passes:
+            for r in p.records:
+                report.called.add(r.name)
+                if self.fisher != "empirical" and r.reached and not p.tapped:
+                    report.without_output.add(r.name)
+        for p in done:
+            for r in p.records:
+                if not r.g:
+                    continue
+                a, g, samples, locations = parts.setdefault(r.name, ([], [], [], []))
+                a.append(r.a)
+                if self.fisher == "empirical":
+                    mult = self._multiplier(r, p, K, scale_now)
+                    g.extend(rows * mult for rows in r.g)
+                else:
+                    g.extend(r.g)
+                samples.append(r.samples)
+                locations.append(r.locations)
+        out: dict[str, LayerStatistics] = {}
+        for name, (a, g, samples, locations) in parts.items():
+            helper, m = self.layers[name], sum(samples)
+            out[name] = LayerStatistics(
+                a=a[0] if len(a) == 1 else torch.cat(a),
+                a_scale=helper.input_scale(m),
+                g=g[0] if len(g) == 1 else torch.cat(g),
+                g_scale=helper.output_grad_scale(m, locations[-1]),
+                samples=m,
+            )
+        report.complete = set(out)
+        self.report = report
+        self.clear()
+        return out
+
+    def _multiplier(self, r: _Record, p: _Pass, passes: int, scale: float) -> float:
+        """From the gradient of the user's loss at the layer output to per-sample rows."""
+        if self.loss_reduction == "batch_mean":
+            mult = float(r.samples)
+        elif self.loss_reduction == "mean":
+            if p.terms is None:
+                raise ValueError(
+                    f"natgrad: loss_reduction='mean' needs the model output to count its terms, "
+                    f"but layer {r.name!r} ran outside a forward of the model; use "
+                    "loss_reduction='batch_mean' or 'sum'")
+            mult = float(p.terms)
+        else:
+            mult = 1.0
+        if self.accumulation == "mean":
+            mult *= passes
+        return mult / (p.scale if p is not self._orphans else scale)
+
+    def discard_backpropagated(self) -> None:
+        """Forget the passes whose backward already ran (their gradients are being zeroed);
+        forwards still waiting for their backward are kept."""
+        keep = [p for p in self._passes if not p.backpropagated]
+        for p in self._passes:
+            if p.backpropagated:
+                self._release(p)
+        self._passes = keep
+        if self._orphans is not None and self._orphans.backpropagated:
+            self._release(self._orphans)
+            self._orphans = None
+
+    def clear(self) -> None:
+        """Forget every recorded pass."""
+        for p in self._all_passes():
+            self._release(p)
+        self._passes, self._orphans, self._current = [], None, None
+
+    @staticmethod
+    def _release(p: _Pass) -> None:
+        for r in p.records:
+            if r.handle is not None:
+                r.handle.remove()
+                r.handle = None
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def remove(self) -> None:
+        """Detach every hook from the model for good."""
+        self._detach()
+        self.clear()
+        self._armed = False
+        self._removed = True
+
+
+#: the name the capture had before the curvature engine (``natgrad.capture.CurvatureCapture``)
+CurvatureCapture = HookCapture
