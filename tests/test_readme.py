@@ -21,6 +21,6 @@ def test_readme_set_up_has_exactly_two_commands():
     section = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     assert [c.strip() for c in commands] == [
-        "pip install torch==2.13.0 && pip install -e . && natgrad compare",
+        "pip install torch==2.13.0 && pip install -e '.[plots,progress]' && natgrad compare",
         "pip install torch==2.13.0 && pip install -e '.[dev]' && ruff check . && pytest",
     ]

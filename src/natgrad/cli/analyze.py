@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data import DATASETS, DataError, load_dataset
 from ..models import MODELS, build_model, get_model_spec, load_checkpoint
 from ..models.registry import check_model_args
-from ..report import format_table, write_json
+from ..progress import progress_bar
+from ..report import format_table, optional_figures, write_json
 from .common import UsageError
 
 STAGES = ["trace", "top_k", "density", "kfac", "approximation", "layers"]
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
           f"{args.fisher} Fisher, loss {spec.loss_kind}, {torch.get_num_threads()} threads")
 
     stages = STAGES if args.density else [s for s in STAGES if s != "density"]
-    bar = tqdm(total=len(stages), disable=args.no_progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(total=len(stages), disable=args.no_progress, leave=False, dynamic_ncols=True)
 
     def progress(stage: str) -> None:
         if bar.n < len(stages) and stage != stages[0]:
@@ -151,10 +151,10 @@ def run(args: argparse.Namespace) -> int:
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     _print(report)
     out = Path(args.out)
-    plots = plot_report(report, out)
+    plots = optional_figures(plot_report, report, out)
     report["plots"] = [p.name for p in plots]
     write_json(out / "report.json", report)
-    print(f"\nwrote {out / 'report.json'} and {', '.join(p.name for p in plots)} "
+    print(f"\nwrote {out / 'report.json'} and {', '.join(p.name for p in plots) or 'no plots'} "
           f"({wall:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB)")
     return 0
 

@@ -27,7 +27,7 @@ from ..models import MODELS, build_model, get_model_spec, save_checkpoint
 from ..models.registry import check_model_args
 from ..optim.kfac import unwrap
 from ..optim.registry import OPTIMIZERS, get_optimizer_spec, make_optimizer
-from ..report import format_table, plot_runs, write_json
+from ..report import format_table, optional_figures, plot_runs, write_json
 from ..train import TrainConfig, TrainResult, train
 from .common import UsageError, parse_lrs, parse_names, parse_widths
 
@@ -300,8 +300,8 @@ def run(args: argparse.Namespace) -> int:
     if not is_main():
         return 0
     config["world_size"] = dist_info.world_size
-    plots = plot_runs(runs, out)
+    plots = optional_figures(plot_runs, runs, out)
     write_json(out / "results.json", {"config": config, "runs": runs,
                                       "plots": [p.name for p in plots]})
-    say(f"\nwrote {out / 'results.json'} and {', '.join(p.name for p in plots)}")
+    say(f"\nwrote {out / 'results.json'} and {', '.join(p.name for p in plots) or 'no plots'}")
     return 0
