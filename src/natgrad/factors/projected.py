@@ -188,7 +188,7 @@ class ProjectedFactor(KroneckerFactor):
         max_rows: subsample this many rows (e.g. spatial locations of a conv layer) for the
             Rayleigh–Ritz projection, reweighted to stay unbiased; the trace always uses all rows.
         seed: seed of the sketches.
-        dtype, device: as :class:`~natgrad.factors.base.KroneckerFactor`.
+        **options: ``dtype`` and ``device``, as :class:`~natgrad.factors.base.KroneckerFactor`.
     """
 
     name = "projected"

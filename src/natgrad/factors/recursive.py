@@ -56,7 +56,7 @@ class RecursiveFactor(DenseFactor):
         sketch_size: project each batch to this rank first (``None``: use all rows).
         woodbury_max_rows: use an exact refresh instead of Woodbury when ``n > this · d``.
         seed: seed of the probes and sketches.
-        dtype, device: as :class:`~natgrad.factors.base.KroneckerFactor`.
+        **options: ``dtype`` and ``device``, as :class:`~natgrad.factors.base.KroneckerFactor`.
     """
 
     supports_moment = False  # every update must also update ``P`` (Woodbury needs the rows)
