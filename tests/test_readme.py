@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def test_readme_python_example_runs(capsys):
@@ -21,6 +22,17 @@ def test_readme_set_up_has_exactly_two_commands():
     section = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     assert [c.strip() for c in commands] == [
-        "pip install torch==2.13.0 && pip install -e . && natgrad compare",
-        "pip install torch==2.13.0 && pip install -e '.[dev]' && ruff check . && pytest",
+        "pip install torch==2.13.0 && pip install -e '.[plots,progress]' && natgrad compare",
+        "pip install torch==2.13.0 && pip install -e '.[dev]' && ruff check . && lint-imports "
+        "&& pytest",
     ]
+
+
+def test_ci_runs_the_test_set_up_then_builds_the_docs():
+    commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith(("#", "echo"))]
+    steps = ["pip install torch==2.13.0", "pip install -e '.[dev]'", "ruff check .",
+             "lint-imports", "pytest",
+             "pip install -e '.[docs]'", "mkdocs build --strict"]
+    positions = [next((i for i, c in enumerate(commands) if step in c), -1) for step in steps]
+    assert -1 not in positions and positions == sorted(positions), dict(zip(steps, positions))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ._optional import MissingExtraError, require
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -53,9 +56,43 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend: the one place figures import it.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed (``pip install 'natgrad[plots]'``).
+    """
+    matplotlib = require("matplotlib", "plots")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+_skipped_plots = False
+
+
+def optional_figures(make: Callable[..., Path | list[Path]], *args: Any, **kwargs: Any
+                     ) -> list[Path]:
+    """``make(*args, **kwargs)`` as a list of paths, or ``[]`` when matplotlib is missing.
+
+    What the commands call, so that an installation without the ``plots`` extra still writes its
+    JSON and tables; the first skip in a process says so on stderr, once.
+    """
+    global _skipped_plots
+    try:
+        made = make(*args, **kwargs)
+    except MissingExtraError as exc:
+        if not _skipped_plots:
+            print(f"natgrad: skipping plots ({exc})", file=sys.stderr, flush=True)
+            _skipped_plots = True
+        return []
+    return [made] if isinstance(made, Path) else list(made)
+
+
 def save_figure(fig: Any, path: str | Path, axes: Sequence[Any] = (), legend: bool = True) -> Path:
     """Grid (and legend) on ``axes``, tight layout, write ``path`` as a 120-dpi PNG, close."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -75,10 +112,7 @@ def plot_curvature(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | 
     ``runs`` maps a label to rows with ``epoch``, ``trace`` and ``top_eigenvalue``
     (``natgrad compare --track-curvature``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, rows in runs.items():
@@ -97,10 +131,7 @@ def plot_runs(runs: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Pa
     ``train_loss``, ``test_loss``, ``test_accuracy``). Without accuracies (autoencoder), the second
     plot shows the test loss per epoch. Returns the PNG paths.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..factors import STRATEGIES, KroneckerFactor, get_strategy, precondition
-from ..report import format_table, save_figure, write_json
+from ..progress import progress_bar
+from ..report import format_table, optional_figures, pyplot, save_figure, write_json
 
 
 def strategy_names() -> tuple[str, ...]:
@@ -206,7 +206,7 @@ def run_scaling(cfg: ScalingConfig, out: str | Path | None = None,
                                     for s in cfg.strategies)
     results: list[dict[str, Any]] = []
     load_before = _load()
-    bar = tqdm(total=n_cases * cfg.repeats, desc="bench scaling", disable=not progress,
+    bar = progress_bar(total=n_cases * cfg.repeats, desc="bench scaling", disable=not progress,
                leave=False, dynamic_ncols=True)
     try:
         for d in sorted(cfg.widths):
@@ -289,7 +289,7 @@ def run_scaling(cfg: ScalingConfig, out: str | Path | None = None,
     if out is not None:
         out = Path(out)
         write_json(out / "scaling.json", doc)
-        plot_scaling(doc, out / "scaling.png")
+        optional_figures(plot_scaling, doc, out / "scaling.png")
     return doc
 
 
@@ -325,10 +325,7 @@ def format_scaling(doc: dict[str, Any]) -> str:
 
 def plot_scaling(doc: dict[str, Any], path: str | Path) -> Path:
     """Log-log plot of update and preconditioning time vs width, one line per strategy (rank)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     keys = sorted({(r["strategy"], r["rank"]) for r in doc["results"]},

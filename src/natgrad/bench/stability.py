@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
 
 from ..data import load_dataset
 from ..experiments.train import TrainConfig, evaluate, train
@@ -28,6 +27,7 @@ from ..factors import ProjectedOptions, get_strategy
 from ..models import build_model
 from ..optim.kfac import KFAC
 from ..optim.registry import OPTIMIZERS
+from ..progress import progress_bar
 from ..report import format_table, write_json
 
 DEFAULT_VARIANTS = ("kfac", "rkfac", "pkfac")
@@ -111,7 +111,7 @@ def run_stability(cfg: StabilityConfig, out: str | Path | None = None,
     test_data = TensorDataset(test_set.x, test_set.y)
     results = []
     runs = [(o, d, s) for s in cfg.seeds for d in cfg.dampings for o in cfg.optimizers]
-    bar = tqdm(runs, desc="bench stability", disable=not progress, leave=False,
+    bar = progress_bar(runs, desc="bench stability", disable=not progress, leave=False,
                dynamic_ncols=True)
     initial: dict[int, tuple[torch.nn.Module, float]] = {}
     for name, damping, seed in bar:

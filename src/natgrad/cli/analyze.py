@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise config_error(exc, AnalyzeConfig) from None
     stages = STAGES if args.density else tuple(s for s in STAGES if s != "density")
-    bar = progress_bar(total=len(stages), enabled=not args.no_progress, leave=False)
+    bar = progress_bar(total=len(stages), disable=args.no_progress, leave=False,
+                       dynamic_ncols=True)
 
     def progress(stage: str) -> None:
         if bar.n < len(stages) and stage != stages[0]:

@@ -22,7 +22,7 @@ from ..data import DATASETS, load_dataset
 from ..factors import ProjectedOptions
 from ..models import build_model, get_model_spec, load_checkpoint
 from ..models.registry import check_model_args
-from ..report import format_table, write_json
+from ..report import format_table, optional_figures, write_json
 from .errors import ExperimentError
 
 #: the stages of :func:`natgrad.fisher.analysis.analyze`, in order (for progress bars)
@@ -143,10 +143,10 @@ def run_analyze(cfg: AnalyzeConfig, say: Callable[[str], None] = print,
     say(report_text(report))
     if cfg.out is not None:
         out = Path(cfg.out)
-        plots = plot_report(report, out)
+        plots = optional_figures(plot_report, report, out)
         report["plots"] = [p.name for p in plots]
         write_json(out / "report.json", report)
-        say(f"\nwrote {out / 'report.json'} and {', '.join(p.name for p in plots)} "
+        say(f"\nwrote {out / 'report.json'} and {', '.join(p.name for p in plots) or 'no plots'} "
             f"({wall:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB)")
     return report
 

@@ -29,7 +29,7 @@ from ..fisher.tracking import curvature_callback
 from ..models import build_model, get_model_spec, save_checkpoint
 from ..models.registry import check_model_args
 from ..optim.registry import OPTIMIZERS, get_optimizer_spec, make_optimizer
-from ..report import format_table, plot_runs, write_json
+from ..report import format_table, optional_figures, plot_runs, write_json
 from .train import TrainConfig, TrainResult, train
 
 
@@ -276,10 +276,10 @@ def run_compare(cfg: CompareConfig, say: Callable[[str], None] = print) -> dict[
     doc: dict[str, Any] = {"config": config, "runs": runs, "plots": []}
     if cfg.out is not None and is_main():
         out = Path(cfg.out)
-        plots = plot_runs(runs, out)
+        plots = optional_figures(plot_runs, runs, out)
         doc["plots"] = [p.name for p in plots]
         write_json(out / "results.json", doc)
-        say(f"\nwrote {out / 'results.json'} and {', '.join(doc['plots'])}")
+        say(f"\nwrote {out / 'results.json'} and {', '.join(doc['plots']) or 'no plots'}")
     return doc
 
 

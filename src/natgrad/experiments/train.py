@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_sum, is_main, shard
 from ..losses import LossKind, get_loss
+from ..progress import progress_bar
 
 HistoryRow = dict[str, Any]
 Callback = Callable[[int, nn.Module, HistoryRow], None]
@@ -50,7 +50,7 @@ class TrainConfig:
         seed: seeds the batch order (a ``torch.Generator``), so it is identical across runs.
         target_accuracy: for ``time_to_target_s``; ``None`` to skip.
         device: where model and data live (``"cpu"``, ``"cuda"``).
-        progress: show a tqdm bar.
+        progress: show a progress bar (only drawn on a terminal; see :mod:`natgrad.progress`).
         eval_batch_size: samples per evaluation forward pass.
         desc: label of the progress bar.
     """
@@ -182,7 +182,7 @@ def train(
     result = TrainResult()
     train_time = 0.0
     model.train()
-    bar = tqdm(
+    bar = progress_bar(
         total=config.epochs * steps_per_epoch,
         desc=config.desc or None,
         disable=not config.progress or not is_main(),

@@ -119,7 +119,8 @@ class ProjectedFactor(KroneckerFactor):
     Args:
         dim: ``d``.
         options: :class:`ProjectedOptions` (or a dict; single options also as keywords).
-        dtype, device: as :class:`~natgrad.factors.base.KroneckerFactor`.
+        **kwargs: ``dtype`` and ``device`` (as :class:`~natgrad.factors.base.KroneckerFactor`)
+            and single options by name.
     """
 
     name = "projected"

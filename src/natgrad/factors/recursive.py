@@ -85,7 +85,8 @@ class RecursiveFactor(DenseFactor):
     Args:
         dim: ``d``.
         options: :class:`RecursiveOptions` (or a dict; single options also as keywords).
-        dtype, device: as :class:`~natgrad.factors.base.KroneckerFactor`.
+        **kwargs: ``dtype`` and ``device`` (as :class:`~natgrad.factors.base.KroneckerFactor`)
+            and single options by name.
     """
 
     supports_moment = False  # every update must also update ``P`` (Woodbury needs the rows)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._optional import require
+
 
 class LinearOperator:
     """A symmetric linear operator over named parameter blocks.
@@ -136,7 +138,7 @@ class LinearOperator:
 
     def to_scipy(self):  # -> scipy.sparse.linalg.LinearOperator
         """A ``scipy.sparse.linalg.LinearOperator`` on float64 numpy arrays."""
-        from scipy.sparse.linalg import LinearOperator as ScipyOperator
+        ScipyOperator = require("scipy.sparse.linalg", "to_scipy()").LinearOperator
 
         def matmat(X: np.ndarray) -> np.ndarray:
             V = torch.as_tensor(np.asarray(X, dtype=np.float64).reshape(self.dim, -1))

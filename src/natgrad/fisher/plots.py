@@ -5,16 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..report import save_figure
+from ..report import pyplot, save_figure
 
 
 def plot_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """``spectrum.png`` (top-k exact vs K-FAC), ``density.png`` (SLQ), ``layers.png`` (per layer
     top-k exact vs K-FAC). Returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Curvature during training: an epoch-end callback for :func:`natgrad.train.train`.
+"""Curvature during training: an epoch-end callback for :func:`natgrad.experiments.train.train`.
 
 >>> cb = curvature_callback(train_set.tensors, "cross_entropy", samples=256)
 >>> train(model, opt, train_set, test_set, "cross_entropy", config, callbacks=[cb])

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
+from ..progress import progress_bar
 from ..report import write_json
 from .markdown import results_md
 from .parts import RUNNERS, Context, PartUnavailable, available_optimizers
@@ -86,7 +86,7 @@ def reproduce(settings: Settings, out: str | Path, parts: Sequence[str], command
     log = out / "results" / "reproduce.log"
     log.write_text(f"{command}\n\n")
     with tempfile.TemporaryDirectory(prefix="natgrad-reproduce-") as work:
-        bar = tqdm(parts, desc="reproduce", disable=not progress, dynamic_ncols=True,
+        bar = progress_bar(parts, desc="reproduce", disable=not progress, dynamic_ncols=True,
                    file=sys.stderr)
         ctx = Context(settings=settings, out=out, work=Path(work), discussion=discussion,
                       note=lambda text: bar.set_postfix_str(text))
@@ -112,7 +112,7 @@ def reproduce(settings: Settings, out: str | Path, parts: Sequence[str], command
                 status["json"] = f"results/{part}.json"
                 write_json(out / status["json"], docs[part])
             statuses[part] = status
-            tqdm.write(f"{part}: {status['status']} ({_minutes(status['time_s'])})"
+            bar.write(f"{part}: {status['status']} ({_minutes(status['time_s'])})"
                        + (f" - {status['reason']}" if status.get("reason") else ""), file=stream)
         bar.close()
 
