@@ -104,3 +104,24 @@ def test_relative_error_of_perturbation():
     assert relative_error(op, op, probes=4).value < 1e-12
     err = relative_error(op, 1.1 * op, probes=4)
     assert abs(err.value - 0.1) < 1e-10
+
+
+def test_slq_error_bar_covers_the_quadrature_bias():
+    """With 5 Lanczos steps and a small damping the quadrature bias dwarfs the probe spread
+    (the stderr alone misses the truth by many standard errors); ``error = stderr + bias``
+    covers it."""
+    M, lam, _ = random_psd(200, decay=0.9)
+    op = Dense(M)
+    damping = 1e-3
+    truth = float(torch.log(lam + damping).sum())
+    stderr_only, covered = [], []
+    for seed in range(4):
+        est = slq_logdet(op, damping=damping, probes=8, steps=5, seed=seed)
+        assert est.bias > 0 and est.error == est.stderr + est.bias
+        stderr_only.append(abs(est.value - truth) / est.stderr)
+        covered.append(abs(est.value - truth) / est.error)
+    assert min(stderr_only) > 5  # the failure this guards against
+    assert max(covered) < 3
+    short = slq_logdet(op, damping=damping, probes=8, steps=5, seed=0)
+    long = slq_logdet(op, damping=damping, probes=8, steps=60, seed=0)
+    assert long.bias < 0.1 * short.bias  # the quadrature error vanishes with the steps

@@ -163,10 +163,11 @@ def report_text(r: dict[str, Any]) -> str:
                  f"eigenvalues {', '.join(f'{v:.4g}' for v in r['top_eigenvalues'])} "
                  f"(max rel. residual {res:.1e}, converged {r['top_converged']})")
     if r.get("logdet"):
-        lines.append(f"log det(F + {r['damping']:g} I) {r['logdet']['value']:.6g} ± "
-                     f"{r['logdet']['stderr']:.2g}   effective dimension "
-                     f"{r['effective_dimension']['value']:.4g} ± "
-                     f"{r['effective_dimension']['stderr']:.2g}")
+        ld, ed = r["logdet"], r["effective_dimension"]
+        lines.append(f"log det(F + {r['damping']:g} I) {ld['value']:.6g} ± "
+                     f"{ld.get('error', ld['stderr']):.2g}   effective dimension "
+                     f"{ed['value']:.4g} ± {ed.get('error', ed['stderr']):.2g} (error bars: "
+                     "probe spread + quadrature error)")
     for k, a in r["approximations"].items():
         e = a["relative_error"]
         lines.append(f"{k}: ‖(F − K)v‖/‖Fv‖ = {e['value']:.3g} ± {e['stderr']:.2g}, top-k "

@@ -12,8 +12,10 @@ at every update, because re-injecting the missing ``(1 − keep) δ I`` is a ful
 Woodbury step can make. We therefore *track* the damping that ``P`` really contains, ``δ_eff``
 (stored as :attr:`RecursiveFactor.damping`, so ``P = (F + damping·I)⁻¹`` holds to rounding at all
 times and :meth:`inv_matmul` applies exactly that), and re-inject by an exact Cholesky refresh
-(``O(d³/3)``) only when :meth:`RecursiveFactor.refresh` asks for a damping ``δ`` with
-``δ_eff / δ`` outside ``[1 / damping_tol, damping_tol]``. The π-split damping of
+(``O(d³/3)``) whenever ``δ_eff / δ`` leaves ``[1 / damping_tol, damping_tol]`` — after any update
+(so the damping actually applied stays in that band at every step, whatever ``inverse_every``)
+and when :meth:`RecursiveFactor.refresh` asks for another ``δ``. :meth:`state_summary` reports
+``δ_eff``. The π-split damping of
 :func:`~natgrad.factors.kronecker.refresh_pair` changes a little at every refresh (it follows the
 factors' traces); those small changes are absorbed by the same band. ``damping_tol=1`` gives an
 exact refresh whenever the damping differs. With the K-FAC default ``keep = 0.95`` and the default
@@ -146,6 +148,8 @@ class RecursiveFactor(DenseFactor):
         if new_weight == 0.0:
             self.P = self.P / keep
             self.damping *= keep
+            if not self._in_target_band():
+                self._try_exact()
             return
         if rows.shape[0] > self.woodbury_max_rows * self.dim:
             self._try_exact()
@@ -156,8 +160,15 @@ class RecursiveFactor(DenseFactor):
             return
         self.P = P_new
         self.damping *= keep
-        if self.residual(gen) > self.residual_tol:
+        if self.residual(gen) > self.residual_tol or not self._in_target_band():
             self._try_exact()
+
+    def _in_target_band(self) -> bool:
+        """Whether the damping inside ``P`` is still within the band around the damping last asked
+        for; an update that leaves it re-injects the damping at once (exact refresh), so the
+        applied damping stays in ``[δ / damping_tol, δ · damping_tol]`` at every step."""
+        return self.target_damping <= 0.0 or self._within_band(self.damping,
+                                                               self.target_damping)
 
     def _woodbury(self, X: Tensor, w: float, keep: float) -> Tensor | None:
         """``(keep·(F_old + δ I) + w XᵀX)⁻¹`` from ``P``, or ``None`` when a guard fails."""
@@ -225,6 +236,10 @@ class RecursiveFactor(DenseFactor):
 
     def inv_matmul(self, v: Tensor) -> Tensor:
         return self.P @ v
+
+    def state_summary(self) -> str:
+        """``"damping now δ_eff"`` (the damping ``P`` holds) once refreshed."""
+        return f"damping now {self.damping:.3g}" if self.refreshed else ""
 
     def cost(self) -> float:
         # Woodbury, O(d² k); the exact refreshes that re-inject the damping are amortised

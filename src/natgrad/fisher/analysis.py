@@ -38,7 +38,10 @@ FISHERS: dict[str, type[GGNOperator]] = {
 
 
 def _est(e: Estimate) -> dict[str, Any]:
-    return {"value": e.value, "stderr": e.stderr, "samples": e.samples}
+    out = {"value": e.value, "stderr": e.stderr, "samples": e.samples}
+    if e.bias:
+        out.update(bias=e.bias, error=e.error)
+    return out
 
 
 def _dense_top(op: GGNOperator, k: int) -> tuple[Tensor, Tensor, str]:

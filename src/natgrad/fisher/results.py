@@ -16,12 +16,22 @@ class Estimate:
         stderr: its standard error (``0.0`` for exact values).
         samples: probes / matrix-vector products it used (``0`` for closed forms).
         exact: whether ``value`` is exact up to rounding.
+        bias: an estimate of the systematic error the probes' spread does not show (SLQ: the
+            quadrature error, see :func:`natgrad.fisher.slq.trace_function`); :attr:`error`
+            is the error bar that covers both.
     """
 
     value: float
     stderr: float = 0.0
     samples: int = 0
     exact: bool = False
+    bias: float = 0.0
+
+    @property
+    def error(self) -> float:
+        """The error bar: ``stderr + bias`` (``bias`` bounds a systematic error such as the
+        quadrature error of stochastic Lanczos quadrature; 0 when there is none)."""
+        return self.stderr + self.bias
 
 
 @dataclass(frozen=True)
@@ -66,12 +76,16 @@ class Eigenpairs:
 class Quadrature:
     """Stochastic Lanczos quadrature: per probe ``i`` nodes ``θ_{ij}`` and weights ``τ_{ij}``.
 
-    ``tr f(F) ≈ P · mean_i Σ_j τ_{ij} f(θ_{ij})``. ``nodes``, ``weights``: ``(probes, steps)``.
+    ``tr f(F) ≈ P · mean_i Σ_j τ_{ij} f(θ_{ij})``. ``nodes``, ``weights``: ``(probes, steps)``;
+    ``coarse_nodes``, ``coarse_weights``: the same from the first ``⌈steps/2⌉`` Lanczos steps of
+    the same runs (the quadrature-error estimate).
     """
 
     nodes: Tensor
     weights: Tensor
     dim: int
+    coarse_nodes: Tensor | None = None
+    coarse_weights: Tensor | None = None
 
 
 @dataclass(frozen=True)

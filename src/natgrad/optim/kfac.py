@@ -35,18 +35,41 @@ from ..curvature import (
     check_fisher,
     unwrap,
 )
+from ..curvature.hooks import ACCUMULATIONS, LOSS_REDUCTIONS
+from ..curvature.outputs import check_output_key
 from ..distributed.kfac import resolve as resolve_distributed
 from ..factors import FactorRefreshError, KroneckerFactor, get_strategy
 from ..layers import LayerHelper
 from ..likelihoods import ALIASES, LIKELIHOODS, get_likelihood
 from ..norms import finite_total, squared_norms
 from . import hyper
+from .diagnostics import missing_statistics
 from .update import apply_updates, natural_directions
 
 logger = logging.getLogger("natgrad")
 
 _GROUP_KEYS = ("lr", "momentum", "weight_decay", "damping")
 _COUNTERS = ("steps", "skipped_steps", "skipped_curvature_updates", "failed_refreshes")
+
+
+def _check_choices(precondition: Any, seed: Any, output_key: Any, loss_reduction: Any,
+                   accumulation: Any, grad_scaler: Any) -> None:
+    """``ValueError`` naming the first argument that is not accepted (before any state)."""
+    if not isinstance(precondition, bool):
+        raise ValueError(f"invalid precondition={precondition!r}: expected True or False")
+    seed_ = hyper.as_number(seed)
+    if not isinstance(seed_, int) or isinstance(seed, float) or seed_ < 0:
+        raise ValueError(f"invalid seed={seed!r}: expected an integer >= 0")
+    check_output_key(output_key)
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"invalid loss_reduction={loss_reduction!r}: accepted values: "
+                         f"{list(LOSS_REDUCTIONS)}")
+    if accumulation not in ACCUMULATIONS:
+        raise ValueError(f"invalid accumulation={accumulation!r}: accepted values: "
+                         f"{list(ACCUMULATIONS)}")
+    if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+        raise ValueError(f"invalid grad_scaler={grad_scaler!r}: expected None or a "
+                         "torch.amp.GradScaler")
 
 
 class KFAC(torch.optim.Optimizer):
@@ -82,8 +105,24 @@ class KFAC(torch.optim.Optimizer):
             (:class:`~natgrad.distributed.DistributedKFAC` when a process group with more than
             one rank is initialised, else the single-process no-op); ``False``: never; or a
             ``DistributedKFAC(...)`` with explicit options.
+        output_key: where the logits are when the model returns a structure: ``None`` (a
+            tensor, or the ``"logits"`` entry / attribute of a dict or ``ModelOutput``), a key
+            or attribute name, or a tuple index (:mod:`natgrad.curvature.outputs`).
+        loss_reduction: how the loss reduces the per-sample negative log-likelihoods, read by
+            ``fisher="empirical"`` only (it uses the loss's gradient): ``"batch_mean"`` (the
+            mean over samples of per-sample sums over positions, natgrad's convention),
+            ``"mean"`` (the mean over every term, e.g. ``F.cross_entropy`` over flattened
+            sequence logits) or ``"sum"``.
+        accumulation: how several backward passes before one ``step()`` combine, read by
+            ``fisher="empirical"`` only: ``"mean"`` (each micro-batch loss divided by the
+            number of micro-batches, the usual recipe) or ``"sum"`` (added as they are). The
+            Monte-Carlo and exact Fishers are right for both.
+        grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop: the empirical
+            statistics are unscaled, and the statistics of a step the scaler skipped are
+            dropped. (``scaler.step(optimizer)`` unscales the gradients before the step.)
 
-    Every scalar hyperparameter may also be a callable ``step -> value``.
+    Every scalar hyperparameter may also be a callable ``step -> value``; numbers may be NumPy
+    scalars or one-element tensors, as in ``torch.optim``.
     """
 
     def __init__(
@@ -107,6 +146,10 @@ class KFAC(torch.optim.Optimizer):
         precondition: bool = True,
         seed: int = 0,
         distributed: Any = None,
+        output_key: str | int | None = None,
+        loss_reduction: str = "batch_mean",
+        accumulation: str = "mean",
+        grad_scaler: Any = None,
     ) -> None:
         # ---- validate everything before any state exists
         if not isinstance(model, nn.Module):
@@ -121,6 +164,8 @@ class KFAC(torch.optim.Optimizer):
         fisher = check_fisher(fisher)
         options = get_strategy(factors).Options.coerce(factor_options)
         check_factor_dtype(factor_dtype)
+        _check_choices(precondition, seed, output_key, loss_reduction, accumulation,
+                       grad_scaler)
         coordinator = resolve_distributed(distributed)
         net = unwrap(model)
         param_list = list(net.parameters()) if params is None else list(params)
@@ -140,21 +185,23 @@ class KFAC(torch.optim.Optimizer):
         self.curvature_every = curvature_every
         self.inverse_every = inverse_every
         self.kl_clip = kl_clip
-        self.precondition = precondition
+        self.precondition = bool(precondition)
         optimised = [p for g in self.param_groups for p in g["params"]]
         #: the curvature engine: layers, factors, updates, refreshes, solves
         self.curvature = KroneckerCurvature(net, optimised, strategy=factors, options=options,
                                             factor_dtype=factor_dtype)
         device = next((p.device for p in net.parameters()), torch.device("cpu"))
         self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(seed)
+        self._generator.manual_seed(int(hyper.as_number(seed)))
         self._capture = HookCapture(net, self.curvature.layers, get_likelihood(loss),
-                                    fisher=fisher, generator=self._generator)
+                                    fisher=fisher, generator=self._generator,
+                                    output_key=output_key, loss_reduction=loss_reduction,
+                                    accumulation=accumulation, grad_scaler=grad_scaler)
         self.steps = 0
         self.skipped_steps = 0
         self.skipped_curvature_updates = 0
         self.failed_refreshes = 0
-        self._capture.armed = precondition and self._is_curvature_step(0)
+        self._capture.armed = self.precondition and self._is_curvature_step(0)
         self.distributed = coordinator
         # collective when distributed: checks the model, assigns work
         self.distributed.setup(self.curvature, self._generator, fisher)
@@ -216,6 +263,13 @@ class KFAC(torch.optim.Optimizer):
         warnings.warn(f"natgrad.KFAC: {message}", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ the step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; the statistics of backward passes since the last
+        step are dropped with the gradients they belong to (e.g. a step a ``GradScaler``
+        skipped). Forwards still waiting for their backward are kept."""
+        self._capture.discard_backpropagated()
+        super().zero_grad(set_to_none)
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
@@ -223,9 +277,13 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         k = self.steps
-        hp = self._resolve_all(k)  # raises before any state changes
+        hp = self._resolve_all(k)  # raises before any state changes ...
+        arm_next = self.precondition and self._is_curvature_step(k + 1)  # ... this too
         stats = self._capture.collect()
         curvature_step = self.precondition and hp["curvature"]
+        if curvature_step:
+            for message in missing_statistics(self, stats, self._capture.report):
+                self._warn(message)
         stats = self.distributed.reduce_statistics(stats, curvature_step)
 
         with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -234,7 +292,7 @@ class KFAC(torch.optim.Optimizer):
             self.skipped_steps += 1
             self._warn(f"non-finite gradient at step {k}; step skipped, curvature untouched "
                        f"({self.skipped_steps} skipped so far)")
-            self._capture.armed = self.precondition and self._is_curvature_step(k)
+            self._capture.armed = self.precondition and hp["curvature"]
             return loss
 
         layer_group = self._layer_group()
@@ -244,7 +302,7 @@ class KFAC(torch.optim.Optimizer):
             self, hp, layer_group, {id(p): n for p, n in zip(with_grad, norms)})
         apply_updates(self, directions, scales, hp)
         self.steps += 1
-        self._capture.armed = self.precondition and self._is_curvature_step(self.steps)
+        self._capture.armed = arm_next
         return loss
 
     def _update_curvature(self, stats: dict, hp: dict[str, Any], k: int,
@@ -279,14 +337,19 @@ class KFAC(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a :meth:`state_dict`. Everything is validated first (layers, strategy, factor
+        shapes and kinds, counters, the generator state, torch.optim's parameter groups): a
+        failed load raises ``ValueError`` and changes nothing."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         extra = state_dict.pop("natgrad", None)
-        if extra is not None:  # validate every part before changing anything
-            if extra.get("strategy", self.strategy) != self.strategy:
-                raise ValueError(f"state_dict is for the {extra.get('strategy')!r} strategy; this "
-                                 f"optimizer uses {self.strategy!r}")
-            self.curvature.check_state(extra)
-        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._check_natgrad_state(extra)
+        try:
+            super().load_state_dict(state_dict)  # torch checks its groups before changing them
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"state_dict is not a KFAC state: {err!r}") from None
         if extra is not None:
             self.curvature.load_state_dict(extra)
             for c in _COUNTERS:
@@ -295,6 +358,28 @@ class KFAC(torch.optim.Optimizer):
             self.distributed.after_load(self._generator)
             self._capture.clear()
             self._capture.armed = self.precondition and self._is_curvature_step(self.steps)
+
+    def _check_natgrad_state(self, extra: Any) -> None:
+        """``ValueError`` saying what is wrong with the ``"natgrad"`` part of a state dict."""
+        if not isinstance(extra, dict):
+            raise ValueError("state_dict['natgrad'] must be a dict")
+        if extra.get("strategy", self.strategy) != self.strategy:
+            raise ValueError(f"state_dict is for the {extra.get('strategy')!r} strategy; this "
+                             f"optimizer uses {self.strategy!r}")
+        missing = [k for k in (*_COUNTERS, "generator", "factors") if k not in extra]
+        if missing:
+            raise ValueError(f"state_dict['natgrad'] lacks {missing}")
+        for c in _COUNTERS:
+            value = extra[c]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state_dict['natgrad'][{c!r}] must be an integer >= 0, got "
+                                 f"{value!r}")
+        self.curvature.check_state(extra)
+        try:  # a scratch generator of the same kind: set_state validates the bytes
+            torch.Generator(device=self._generator.device).set_state(extra["generator"])
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise ValueError(f"state_dict['natgrad']['generator'] is not a generator state "
+                             f"({err})") from None
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         capture = getattr(self, "_capture", None)

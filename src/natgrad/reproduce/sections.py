@@ -249,10 +249,11 @@ def analysis_md(doc: Mapping[str, Any]) -> str:
                  f" eigenvalues {', '.join(num(v) for v in rep['top_eigenvalues'])} (largest "
                  f"relative residual {num(max(rep['top_residuals']), 2)})"]
         if rep.get("logdet"):
-            lines.append(f"- log det(F + {num(rep['damping'])} I) {num(rep['logdet']['value'])} ± "
-                         f"{num(rep['logdet']['stderr'], 2)}; effective dimension "
-                         f"{num(rep['effective_dimension']['value'])} ± "
-                         f"{num(rep['effective_dimension']['stderr'], 2)}")
+            ld, ed = rep["logdet"], rep["effective_dimension"]
+            lines.append(f"- log det(F + {num(rep['damping'])} I) {num(ld['value'])} ± "
+                         f"{num(ld.get('error', ld['stderr']), 2)}; effective dimension "
+                         f"{num(ed['value'])} ± {num(ed.get('error', ed['stderr']), 2)} "
+                         "(error bars: probe spread plus the quadrature error)")
         for k, a in rep.get("approximations", {}).items():
             e = a["relative_error"]
             lines.append(f"- {k}, whole network: relative error {num(e['value'])} ± "
