@@ -46,6 +46,16 @@ LOSS_REDUCTIONS = ("batch_mean", "mean", "sum")
 ACCUMULATIONS = ("mean", "sum")
 
 
+def check_capture_options(loss_reduction: object, accumulation: object) -> None:
+    """``ValueError`` naming ``loss_reduction`` or ``accumulation`` when not accepted."""
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"invalid loss_reduction={loss_reduction!r}: accepted values: "
+                         f"{list(LOSS_REDUCTIONS)}")
+    if accumulation not in ACCUMULATIONS:
+        raise ValueError(f"invalid accumulation={accumulation!r}: accepted values: "
+                         f"{list(ACCUMULATIONS)}")
+
+
 def _transformed(t: Tensor) -> bool:
     """Whether ``t`` is a ``torch.func`` (vmap / grad / jvp) wrapper."""
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
@@ -146,12 +156,7 @@ class HookCapture:
         grad_scaler: Any = None,
     ) -> None:
         self.fisher = check_fisher(fisher)
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"invalid loss_reduction={loss_reduction!r}: accepted values: "
-                             f"{list(LOSS_REDUCTIONS)}")
-        if accumulation not in ACCUMULATIONS:
-            raise ValueError(f"invalid accumulation={accumulation!r}: accepted values: "
-                             f"{list(ACCUMULATIONS)}")
+        check_capture_options(loss_reduction, accumulation)
         self.model = model
         self.layers = layers
         self.likelihood = likelihood

@@ -35,7 +35,7 @@ from ..curvature import (
     check_fisher,
     unwrap,
 )
-from ..curvature.hooks import ACCUMULATIONS, LOSS_REDUCTIONS
+from ..curvature.hooks import check_capture_options
 from ..curvature.outputs import check_output_key
 from ..distributed.kfac import resolve as resolve_distributed
 from ..factors import FactorRefreshError, KroneckerFactor, get_strategy
@@ -61,12 +61,7 @@ def _check_choices(precondition: Any, seed: Any, output_key: Any, loss_reduction
     if not isinstance(seed_, int) or isinstance(seed, float) or seed_ < 0:
         raise ValueError(f"invalid seed={seed!r}: expected an integer >= 0")
     check_output_key(output_key)
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise ValueError(f"invalid loss_reduction={loss_reduction!r}: accepted values: "
-                         f"{list(LOSS_REDUCTIONS)}")
-    if accumulation not in ACCUMULATIONS:
-        raise ValueError(f"invalid accumulation={accumulation!r}: accepted values: "
-                         f"{list(ACCUMULATIONS)}")
+    check_capture_options(loss_reduction, accumulation)
     if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
         raise ValueError(f"invalid grad_scaler={grad_scaler!r}: expected None or a "
                          "torch.amp.GradScaler")
