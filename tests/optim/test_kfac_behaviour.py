@@ -13,9 +13,20 @@ from torch import nn
 from natgrad import KFAC
 
 
+class Scale(nn.Module):
+    """A learnable per-feature scale: parameters no layer helper knows (the plain step)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
 def _mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8),
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), Scale(8),
                          nn.ReLU(), nn.Linear(8, 3))
 
 
@@ -205,7 +216,7 @@ def test_failed_decomposition_keeps_previous_inverse(monkeypatch, train):
 def test_registration_summary_lists_layers_and_plain_parameters():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Conv2d(4, 4, 1), nn.Flatten(),
-                          nn.Linear(4, 2), nn.BatchNorm1d(2))
+                          nn.Linear(4, 2), Scale(2))
     opt = KFAC(model)
     text = opt.registration_summary
     assert "1 [conv2d]" in text and "3 [linear]" in text

@@ -33,6 +33,8 @@ class LayerStatistics:
         a_sq, g_sq: ``‖a‖_F²`` and ``‖g‖_F²`` once known (the optimizer's finiteness check
             computes them and the factors reuse them as traces).
         a_moment, g_moment: the side holds the dense moment ``Σ_r X_rᵀ X_r`` instead of rows.
+        a_diagonal: ``a`` holds rows whose column sums are the diagonal of an exactly diagonal
+            ``Σ āāᵀ`` (one-hot inputs, e.g. token counts), not the rows ``ā``.
     """
 
     a: Tensor
@@ -44,6 +46,7 @@ class LayerStatistics:
     g_sq: float | None = None
     a_moment: bool = False
     g_moment: bool = False
+    a_diagonal: bool = False
 
 
 class CurvatureBlock(ABC):
@@ -89,6 +92,23 @@ class CurvatureBlock(ABC):
     def state_bytes(self) -> int:
         """Bytes of the block's state."""
         return sum(f.state_bytes() for f in self.factors)
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """The number of parameters the block covers."""
+
+    @abstractmethod
+    def top_eigenvalues(self, k: int) -> Tensor:
+        """The ``k`` largest eigenvalues of the block as represented (descending, float64)."""
+
+    @abstractmethod
+    def trace(self) -> float:
+        """``tr`` of the block."""
+
+    @abstractmethod
+    def logdet(self, damping: float) -> float:
+        """``log det(B + λ I)``."""
 
     @abstractmethod
     def describe(self) -> str:

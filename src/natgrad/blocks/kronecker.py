@@ -14,6 +14,11 @@ from ..factors import (
     solve,
 )
 from .base import CurvatureBlock, LayerStatistics
+from .closed_forms import kron_logdet, kron_top_eigenvalues, kron_trace
+
+
+def _diag(f: KroneckerFactor) -> Tensor:
+    return f.diag() if f.diagonal else f.to_dense().diagonal()
 
 
 def _label(f: KroneckerFactor) -> str:
@@ -30,10 +35,12 @@ class KroneckerBlock(CurvatureBlock):
 
     def stage(self, stats: LayerStatistics, decay: float) -> list[FactorUpdate]:
         items = []
+        if stats.a_diagonal:
+            self.A.update_diagonal(stats.a.sum(0), stats.a_scale, decay)
         for factor, rows, scale, sq, moment in (
             (self.A, stats.a, stats.a_scale, stats.a_sq, stats.a_moment),
             (self.G, stats.g, stats.g_scale, stats.g_sq, stats.g_moment),
-        ):
+        )[int(stats.a_diagonal):]:
             if moment:
                 factor.update_moment(rows, scale, decay)
             else:
@@ -53,7 +60,20 @@ class KroneckerBlock(CurvatureBlock):
         return kronecker_matvec(V, self.A, self.G)
 
     def diagonal(self) -> Tensor:
-        return torch.outer(self.G.to_dense().diagonal(), self.A.to_dense().diagonal())
+        return torch.outer(_diag(self.G), _diag(self.A))
+
+    @property
+    def size(self) -> int:
+        return self.A.dim * self.G.dim
+
+    def top_eigenvalues(self, k: int) -> Tensor:
+        return kron_top_eigenvalues(self.A, self.G, k)
+
+    def trace(self) -> float:
+        return kron_trace(self.A, self.G)
+
+    def logdet(self, damping: float) -> float:
+        return kron_logdet(self.A, self.G, damping)
 
     def describe(self) -> str:
         return f"A: {self.A.describe()}  G: {self.G.describe()}"

@@ -179,13 +179,20 @@ def pullbacks(
 
 class Gram:
     """``Σ XᵀX`` over batches as rows ``R`` (``RᵀR = Σ XᵀX``): the raw rows while there are at
-    most ``d`` of them, then a ``(d, d)`` square root of the summed Gram matrix."""
+    most ``d`` of them, then a ``(d, d)`` square root of the summed Gram matrix. ``diagonal``:
+    the rows are diagonal contributions (:attr:`LayerHelper.diagonal_input`), summed into one
+    row."""
 
-    def __init__(self) -> None:
+    def __init__(self, diagonal: bool = False) -> None:
         self.rows: list[Tensor] = []
         self.gram: Tensor | None = None
+        self.diagonal = diagonal
 
     def add(self, X: Tensor) -> None:
+        if self.diagonal:
+            total = X.sum(0, keepdim=True)
+            self.rows = [total if not self.rows else self.rows[0] + total]
+            return
         if self.gram is None:
             self.rows.append(X)
             if sum(r.shape[0] for r in self.rows) <= X.shape[1]:
@@ -224,12 +231,15 @@ def data_statistics(
     for m, inputs, outputs, grads in pullbacks(model, layers, data, likelihood, fisher,
                                                **kwargs):
         total += m
+        kept = {}
         for n, a in inputs.items():
             helper = layers[n]
-            s = sums.setdefault(n, [Gram(), Gram(), helper.locations(outputs[n])])
-            s[0].add(helper.input_rows(a))
+            kept[n] = helper.record(a, outputs[n])
+            s = sums.setdefault(n, [Gram(helper.diagonal_input), Gram(),
+                                    helper.locations(outputs[n])])
+            s[0].add(helper.a_rows(kept[n]))
         for n, g in grads.items():
             for r in range(g.shape[0]):  # one direction at a time: the same sums as before
-                sums[n][1].add(layers[n].output_grad_rows(g[r]))
+                sums[n][1].add(layers[n].g_rows(g[r:r + 1], kept[n]))
     stats = {n: (s[0].root(), s[1].root(), s[2]) for n, s in sums.items() if not s[1].empty}
     return stats, total

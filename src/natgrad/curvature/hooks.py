@@ -73,6 +73,7 @@ class _Record:
     g: list[Tensor] = field(default_factory=list)  # output-gradient rows, one entry per backward
     reached: bool = False  # the user's backward passed the layer output
     handle: Any = None
+    kept: Any = None  # the helper's record of the forward (LayerHelper.record)
 
 
 @dataclass
@@ -214,8 +215,9 @@ class HookCapture:
                 return
             x = inputs[0].detach()
             edge = get_gradient_edge(output)
-            record = _Record(name, helper.input_rows(x), x.shape[0], helper.locations(output),
-                             edge)
+            kept = helper.record(x, output)
+            record = _Record(name, helper.a_rows(kept), x.shape[0], helper.locations(output),
+                             edge, kept=kept)
             record.handle = edge.node.register_prehook(self._grad_hook(record, helper))
             owner = self._current
             if owner is None:  # called outside a forward of the model
@@ -233,7 +235,7 @@ class HookCapture:
             record.reached = True
             grad = grad_outputs[index]
             if self.fisher == "empirical" and grad is not None:
-                record.g.append(helper.output_grad_rows(grad.detach()))
+                record.g.append(helper.g_rows(grad.detach()[None], record.kept))
             return None
 
         return hook
@@ -269,7 +271,7 @@ class HookCapture:
         for record, grad in zip(p.records, grads):
             if grad is not None:
                 helper = self.layers[record.name]
-                record.g.append(helper.output_grad_rows(grad.detach().flatten(0, 1)))
+                record.g.append(helper.g_rows(grad.detach(), record.kept))
 
     # ------------------------------------------------------------------ API
     def _all_passes(self) -> list[_Pass]:
@@ -317,6 +319,7 @@ class HookCapture:
                 g=g[0] if len(g) == 1 else torch.cat(g),
                 g_scale=helper.output_grad_scale(m, locations[-1]),
                 samples=m,
+                a_diagonal=helper.diagonal_input,
             )
         report.complete = set(out)
         self.report = report

@@ -185,5 +185,6 @@ def reduce_statistics(
             samples=total,
             a_moment=a_mom,
             g_moment=g_mom,
+            a_diagonal=helper.diagonal_input,
         )
     return out

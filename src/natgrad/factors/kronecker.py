@@ -207,8 +207,8 @@ def solve(
 ) -> Direction:
     """The natural-gradient direction ``(A ⊗ G + λ I)⁻¹ vec(V)`` for ``V = [blocks]``.
 
-    Exact damping for spectral pairs (factored when both are low rank), π-split damping otherwise
-    (see the module docstring).
+    Exact damping for spectral pairs (factored when both are low rank) and for a diagonal ``A``
+    with a spectral ``G``, π-split damping otherwise (see the module docstring).
 
     Args:
         blocks: column blocks of the ``(d_G, d_A)`` gradient matrix (e.g. ``[∇W, ∇b]``).
@@ -217,7 +217,24 @@ def solve(
     if A.spectral and G.spectral:
         return _spectral_solve(blocks, A, G, damping, norm2)
     V = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+    if getattr(A, "diagonal", False) and G.spectral:
+        return Direction.from_dense(blocks, _diagonal_solve(V, A, G, damping))
     return Direction.from_dense(blocks, A.inv_matmul(G.inv_matmul(V).T).T)
+
+
+def _diagonal_solve(V: Tensor, A: KroneckerFactor, G: KroneckerFactor, damping: float
+                    ) -> Tensor:
+    """Exact ``(diag(a) ⊗ G + λ I)⁻¹ vec(V)`` for a diagonal ``A`` and a spectral
+    ``G = U diag(μ) Uᵀ + σ (I − U Uᵀ)``: column ``j`` is ``(a_j G + λ I)⁻¹ V_j``, i.e.
+    ``U (X_j / (a_j μ + λ)) + (V_j − U X_j) / (a_j σ + λ)`` with ``X = Uᵀ V``; ``O(d_G d_A r)``
+    (``d_A`` may be a vocabulary: nothing of size ``d_A²`` is formed)."""
+    U, mu, sig = G.eigen()
+    a = A.diag()
+    X = U.T @ V  # (r, d_A)
+    D = U @ (X / (torch.outer(mu, a) + damping))
+    if U.shape[1] < G.dim:
+        D = D + (V - U @ X) / (float(sig) * a + damping)
+    return D
 
 
 def precondition(V: Tensor, A: KroneckerFactor, G: KroneckerFactor, damping: float) -> Tensor:
@@ -232,6 +249,8 @@ def kronecker_matvec(V: Tensor, A: KroneckerFactor, G: KroneckerFactor) -> Tenso
 
 def _apply(F: KroneckerFactor, v: Tensor) -> Tensor:
     """``F v`` for ``v`` of shape ``(d, k)`` without forming ``F`` when it is low rank."""
+    if getattr(F, "diagonal", False):
+        return F.diag().unsqueeze(-1) * v
     if F.spectral:
         U, mu, sig = F.eigen()
         Utv = U.T @ v

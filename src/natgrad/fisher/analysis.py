@@ -186,7 +186,6 @@ def analyze(
     op.clear_cache()  # the full operator is not multiplied again
     rows = []
     for b, name in enumerate(names):
-        idx = groups[name]
         blk = op.block(name)
         k = min(top_k, blk.dim)
         if blk.dim <= dense_block_max:
@@ -206,11 +205,9 @@ def analyze(
             err = block_relative_error(op, bp, b, K)
             row[f"{key}_relative_error"] = err.value
             row[f"{key}_relative_error_stderr"] = err.stderr
-            A, G = K.factors[name]
-            row[f"{key}_top_eigenvalues"] = kfac_top_eigenvalues(
-                KFACOperator(model, {name: layers[name]}, {name: (A, G)},
-                             params=[op.names[i] for i in idx]), k).tolist()
-            row[f"{key}_trace"] = A.trace() * G.trace()
+            block = K.blocks[name]
+            row[f"{key}_top_eigenvalues"] = block.top_eigenvalues(k).tolist()
+            row[f"{key}_trace"] = block.trace()
         rows.append(row)
     report["layers"] = rows
     done("layers")

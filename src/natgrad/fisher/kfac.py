@@ -126,10 +126,10 @@ class KFACOperator(LinearOperator):
             options=factor_options, registration=Registration(layers=dict(layers)))
         rows = {}
         for name, (RA, RG, T) in stats.items():
-            helper, (A, _) = layers[name], curvature.blocks[name].factors
-            rows[name] = LayerStatistics(RA.to(A.dtype), helper.input_scale(num_samples),
-                                         RG.to(A.dtype), helper.output_grad_scale(num_samples, T),
-                                         num_samples)
+            helper, dtype = layers[name], curvature.blocks[name].factors[0].dtype
+            rows[name] = LayerStatistics(RA.to(dtype), helper.input_scale(num_samples),
+                                         RG.to(dtype), helper.output_grad_scale(num_samples, T),
+                                         num_samples, a_diagonal=helper.diagonal_input)
         curvature.update(rows, decay=0.0)
         for name in rows:
             for f in curvature.blocks[name].factors:

@@ -1,10 +1,7 @@
-"""Closed forms for Kronecker blocks ``A ⊗ G`` and the block-diagonal K-FAC operator, from the
-factors' eigenvalues alone (no Kronecker product is formed).
-
-* eigenvalues of ``A ⊗ G``: all products ``α_i γ_j``;
-* ``tr(A ⊗ G) = tr A · tr G``;
-* ``log det(A ⊗ G) = d_G log det A + d_A log det G``;
-* ``log det(A ⊗ G + λ I) = Σ_ij log(α_i γ_j + λ)``.
+"""Closed forms of the block-diagonal K-FAC operator, from each block's own closed forms
+(:meth:`natgrad.blocks.CurvatureBlock.top_eigenvalues`, ``trace``, ``logdet``); for a Kronecker
+block those come from the factors' eigenvalues alone (:mod:`natgrad.blocks.closed_forms`, whose
+``kron_*`` functions are re-exported here).
 """
 
 from __future__ import annotations
@@ -14,55 +11,29 @@ import math
 import torch
 from torch import Tensor
 
-from ..factors import KroneckerFactor
+from ..blocks.closed_forms import kron_logdet, kron_top_eigenvalues, kron_trace
 from .kfac import KFACOperator
 
-
-def _eigs(f: KroneckerFactor | Tensor) -> Tensor:
-    """Descending, clamped at 0 (the factors are PSD)."""
-    e = f if isinstance(f, Tensor) else f.eigenvalues()
-    return torch.sort(e.double().clamp_min(0), descending=True).values
-
-
-def kron_top_eigenvalues(a: KroneckerFactor | Tensor, g: KroneckerFactor | Tensor,
-                         k: int) -> Tensor:
-    """The ``k`` largest ``α_i γ_j`` (descending) from the top ``k`` of each factor only."""
-    ea, eg = _eigs(a)[:k], _eigs(g)[:k]
-    return torch.sort(torch.outer(ea, eg).flatten(), descending=True).values[:k]
-
-
-def kron_trace(a: KroneckerFactor | Tensor, g: KroneckerFactor | Tensor) -> float:
-    """``tr A · tr G``."""
-    return float(_eigs(a).sum() * _eigs(g).sum())
-
-
-def kron_logdet(a: KroneckerFactor | Tensor, g: KroneckerFactor | Tensor,
-                damping: float = 0.0, block: int = 1 << 22) -> float:
-    """``log det(A ⊗ G + λ I)``; for ``λ = 0``: ``d_G log det A + d_A log det G``."""
-    ea, eg = _eigs(a), _eigs(g)
-    if damping == 0.0:
-        return float(eg.numel() * ea.log().sum() + ea.numel() * eg.log().sum())
-    rows = max(1, block // eg.numel())
-    return float(sum(torch.log(torch.outer(ea[s:s + rows], eg) + damping).sum()
-                     for s in range(0, ea.numel(), rows)))
+__all__ = ["kfac_logdet", "kfac_top_eigenvalues", "kfac_trace", "kron_logdet",
+           "kron_top_eigenvalues", "kron_trace"]
 
 
 def kfac_top_eigenvalues(op: KFACOperator, k: int) -> Tensor:
     """The ``k`` largest eigenvalues of the block-diagonal operator (zeros for uncovered
     parameters)."""
-    tops = [kron_top_eigenvalues(A, G, k) for A, G in op.factors.values()]
-    allv = torch.cat(tops + [torch.zeros(min(k, op.dim - sum(
-        A.dim * G.dim for A, G in op.factors.values())), dtype=torch.float64)])
+    tops = [b.top_eigenvalues(k) for b in op.blocks.values()]
+    covered = sum(b.size for b in op.blocks.values())
+    allv = torch.cat(tops + [torch.zeros(min(k, op.dim - covered), dtype=torch.float64)])
     return torch.sort(allv, descending=True).values[:k]
 
 
 def kfac_trace(op: KFACOperator) -> float:
-    """``Σ_ℓ tr A_ℓ · tr G_ℓ``."""
-    return sum(kron_trace(A, G) for A, G in op.factors.values())
+    """``Σ_ℓ tr B_ℓ`` (``tr A_ℓ · tr G_ℓ`` for Kronecker blocks)."""
+    return sum(b.trace() for b in op.blocks.values())
 
 
 def kfac_logdet(op: KFACOperator, damping: float) -> float:
     """``log det(K + λ I)``; uncovered parameters contribute ``log λ`` each."""
-    covered = sum(A.dim * G.dim for A, G in op.factors.values())
+    covered = sum(b.size for b in op.blocks.values())
     rest = (op.dim - covered) * (math.log(damping) if damping > 0 else -math.inf)
-    return sum(kron_logdet(A, G, damping) for A, G in op.factors.values()) + rest
+    return sum(b.logdet(damping) for b in op.blocks.values()) + rest

@@ -28,6 +28,9 @@ class LayerHelper(ABC):
 
     module_type: ClassVar[type[nn.Module]]
     kind: ClassVar[str]
+    #: the input statistic is exactly diagonal (one-hot inputs): :meth:`a_rows` gives rows whose
+    #: column sums are the diagonal of ``Σ ā āᵀ`` instead of the rows ``ā`` themselves
+    diagonal_input: ClassVar[bool] = False
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -95,6 +98,22 @@ class LayerHelper(ABC):
     @abstractmethod
     def locations(self, grad_output_or_output: Tensor) -> int:
         """``T``: the number of spatial locations per sample (1 for Linear)."""
+
+    # ---------------------------------------------------------------- what the captures keep
+    def record(self, inputs: Tensor, output: Tensor) -> Any:
+        """What a forward keeps for the statistics (default: the input rows ``ā``); passed back
+        to :meth:`a_rows` and :meth:`g_rows`."""
+        return self.input_rows(inputs)
+
+    def a_rows(self, record: Any) -> Tensor:
+        """The ``A`` statistic's rows from a :meth:`record` (``(n, d_A)``; column sums of the
+        diagonal for :attr:`diagonal_input` layers)."""
+        return record
+
+    def g_rows(self, grad_output: Tensor, record: Any) -> Tensor:
+        """The ``G`` statistic's rows from the output gradients of ``R`` directions
+        ``(R, m, ...)`` and the forward's :meth:`record`: ``(R · n, d_G)``."""
+        return self.output_grad_rows(grad_output.flatten(0, 1))
 
     def input_scale(self, num_samples: int) -> float:
         """``A = input_scale · XᵀX`` for the ``X`` of :meth:`input_rows` over ``num_samples``."""

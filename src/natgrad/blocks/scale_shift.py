@@ -1,0 +1,135 @@
+"""The per-channel scale-and-shift block of normalization layers: exact 2×2 per channel.
+
+A normalization layer computes ``y = γ ⊙ x̂ + β`` with ``C`` channels. The per-sample gradients of
+one channel's pair are ``u_c = Σ_t g_{t,c} x̂_{t,c}`` (for ``γ_c``) and ``v_c = Σ_t g_{t,c}`` (for
+``β_c``), summed over the sample's positions ``t``. The block keeps, for every channel, the exact
+``2 × 2`` second moment ``M_c = E[(u_c, v_c)(u_c, v_c)ᵀ]`` (an EMA like the Kronecker factors),
+i.e. the per-channel diagonal blocks of the Fisher of ``(γ, β)`` — not a Kronecker
+approximation. The damped solve is ``(M_c + λ I)⁻¹ (∇γ_c, ∇β_c)`` channel by channel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..factors import Direction, FactorRefreshError, FactorUpdate, KroneckerFactor
+from ..norms import all_finite
+from .base import CurvatureBlock, LayerStatistics
+
+
+class ScaleShiftFactor(KroneckerFactor):
+    """``C`` exact 2×2 moments ``M_c``, updated from per-sample rows ``(n, 2C)`` =
+    ``[u_1..u_C, v_1..v_C]``; ``dim = 2C``. Not a strategy (not registered): the state of a
+    :class:`ScaleShiftBlock`."""
+
+    name = "scale_shift"
+    state_keys = ("M",)
+    statistics_keys = ("M",)
+
+    def __init__(self, dim: int, options: Any = None, **kwargs: Any) -> None:
+        super().__init__(dim, options, **kwargs)
+        if self.dim % 2:
+            raise ValueError(f"a scale-and-shift factor has dim = 2C, got {dim}")
+        self.channels = self.dim // 2
+        self.M = torch.zeros(self.channels, 2, 2, dtype=self.dtype, device=self.device)
+
+    def _update(self, rows: Tensor, new_weight: float, keep: float,
+                sq_norm: float | None = None) -> None:
+        uv = rows.reshape(rows.shape[0], 2, self.channels)  # (n, 2, C)
+        S = torch.einsum("nic,njc->cij", uv, uv)
+        self.M = torch.add(self.M * keep, S, alpha=new_weight)
+
+    def trace(self) -> float:
+        return float(self.M.diagonal(dim1=-2, dim2=-1).sum())
+
+    def refresh(self, damping: float) -> None:
+        if not all_finite([self.M]):
+            raise FactorRefreshError(f"scale-and-shift factor (C={self.channels}): non-finite")
+        self.damping = float(damping)
+        self.refreshed = True
+
+    def solve_pairs(self, V: Tensor, damping: float) -> Tensor:
+        """``(M_c + λ I)⁻¹ V_c`` for ``V`` ``(C, 2)`` (closed-form 2×2 inverses)."""
+        a, b = self.M[:, 0, 0] + damping, self.M[:, 0, 1]
+        c, d = self.M[:, 1, 0], self.M[:, 1, 1] + damping
+        det = a * d - b * c
+        x, y = V[:, 0], V[:, 1]
+        return torch.stack([(d * x - b * y) / det, (a * y - c * x) / det], dim=1)
+
+    def inv_matmul(self, v: Tensor) -> Tensor:
+        """``(F + δ I)⁻¹ v`` for ``v`` ``(2C, k)`` in the ``[γ; β]`` layout."""
+        C = self.channels
+        cols = [self.solve_pairs(torch.stack([v[:C, j], v[C:, j]], 1), self.damping)
+                for j in range(v.shape[1])]
+        return torch.stack([torch.cat([c[:, 0], c[:, 1]]) for c in cols], dim=1)
+
+    def to_dense(self) -> Tensor:
+        """``(2C, 2C)`` in the ``[γ; β]`` layout."""
+        C = self.channels
+        out = self.M.new_zeros(2 * C, 2 * C)
+        idx = torch.arange(C, device=self.M.device)
+        for i in range(2):
+            for j in range(2):
+                out[i * C + idx, j * C + idx] = self.M[:, i, j]
+        return out
+
+    def eigenvalues(self) -> Tensor:
+        return torch.linalg.eigvalsh(self.M.double()).flatten().sort(descending=True).values.to(
+            self.dtype)
+
+    def cost(self) -> float:
+        return float(self.channels)
+
+    def describe(self) -> str:
+        return f"scale_shift(C={self.channels}, 2x2 each)"
+
+
+class ScaleShiftBlock(CurvatureBlock):
+    """The exact per-channel 2×2 Fisher blocks of ``(γ, β)`` (see the module docstring).
+
+    The gradient's column blocks are ``[∇γ (C, 1), ∇β (C, 1)]`` (``d_G = C``, ``d_A = 2``)."""
+
+    def __init__(self, factor: ScaleShiftFactor) -> None:
+        self.factor = factor
+        self.factors = (factor,)
+
+    def stage(self, stats: LayerStatistics, decay: float) -> list[FactorUpdate]:
+        return [FactorUpdate(self.factor, stats.g, stats.g_scale, stats.g_sq)]
+
+    def refresh(self, damping: float) -> None:
+        if self.factor.updates == 0:
+            return
+        self.factor.refresh(damping)
+
+    def solve(self, blocks: list[Tensor], damping: float,
+              norm2: Tensor | None = None) -> Direction:
+        V = torch.cat(blocks, dim=1)
+        return Direction.from_dense(blocks, self.factor.solve_pairs(V, damping))
+
+    def matvec(self, V: Tensor) -> Tensor:
+        return torch.einsum("cij,cj->ci", self.factor.M, V)
+
+    def diagonal(self) -> Tensor:
+        return self.factor.M.diagonal(dim1=-2, dim2=-1)
+
+    @property
+    def size(self) -> int:
+        return self.factor.dim
+
+    def top_eigenvalues(self, k: int) -> Tensor:
+        return self.factor.eigenvalues().double().clamp_min(0)[:k]
+
+    def trace(self) -> float:
+        return self.factor.trace()
+
+    def logdet(self, damping: float) -> float:
+        e = self.factor.eigenvalues().double().clamp_min(0)
+        return float(torch.log(e + damping).sum()) if damping > 0 else (
+            float(e.log().sum()) if bool((e > 0).all()) else -math.inf)
+
+    def describe(self) -> str:
+        return self.factor.describe()
