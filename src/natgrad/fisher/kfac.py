@@ -18,7 +18,7 @@ Parameters outside every recognised layer get a **zero** block (listed in
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 from ..factors import KroneckerFactor, kronecker_matvec, make_factor
 from ..layers import LayerHelper, helper_for
-from ._model import Data, check_deterministic, iter_chunks, select_params
+from ._model import Data, check_deterministic, select_params
 from .base import LinearOperator
 from .ggn import EmpiricalFisher, ExactFisher, GGNOperator, MCFisher
+from .layer_diagonal import ggn_layer_traces
 
 _FISHERS: dict[str, type[GGNOperator]] = {
     "type2": ExactFisher, "exact": ExactFisher, "mc": MCFisher, "empirical": EmpiricalFisher,
@@ -198,58 +199,19 @@ def layer_statistics(
     return layers, _layer_sums(layers, ggn), ggn.num_samples
 
 
-def _layer_pullbacks(ggn: GGNOperator, layers: dict[str, LayerHelper]) -> Iterator[
-    tuple[int, dict[str, Tensor], dict[str, Tensor], Iterator[dict[str, Tensor]]]
-]:
-    """One forward per chunk of ``ggn.data``; yields ``(m, inputs, outputs, pullbacks)``: the
-    layers' inputs and outputs, and for each row ``r`` of the output factor ``B_n`` the
-    gradients ``∂(Σ_n (B_n f_n)_r) / ∂s`` at every layer output ``s``. Consume ``pullbacks``
-    before advancing (the chunk's graph is freed after the last row)."""
-    store: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def hook(name: str):
-        def fn(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            store[name] = (inputs[0].detach(), output)
-            return output.clone()  # later in-place ops act on a copy
-        return fn
-
-    def rows(B: Tensor, out: Tensor, names: list[str]) -> Iterator[dict[str, Tensor]]:
-        outs = [store[n][1] for n in names]
-        for r in range(B.shape[1]):
-            with torch.enable_grad():
-                grads = torch.autograd.grad((B[:, r, :] * out).sum(), outs,
-                                            retain_graph=r < B.shape[1] - 1, allow_unused=True)
-            yield {n: g for n, g in zip(names, grads) if g is not None}
-
-    handles = [h.module.register_forward_hook(hook(n)) for n, h in layers.items()]
-    try:
-        for i, (x, y) in enumerate(iter_chunks(ggn.data, ggn.chunk_size)):
-            x = x.to(device=ggn.device, dtype=ggn.dtype).requires_grad_(True)
-            with torch.enable_grad():
-                out = ggn.model(x).flatten(1)
-                B = ggn.output_factor(out.detach(), y, i)  # (m, R, C)
-            names = [n for n in store if store[n][1].requires_grad]
-            inputs = {n: store[n][0] for n in names}
-            outputs = {n: store[n][1] for n in names}
-            yield out.shape[0], inputs, outputs, rows(B, out, names)
-            store.clear()
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _layer_sums(
     layers: dict[str, LayerHelper], ggn: GGNOperator
 ) -> dict[str, tuple[Tensor, Tensor, int]]:
     """Per layer ``(R_A, R_G, T)`` with ``R_AᵀR_A = Σ āāᵀ`` and ``R_GᵀR_G = Σ ggᵀ``, ``g`` the
     rows of ``B_n`` pulled back to the layer output."""
     sums: dict[str, list] = {}
-    for _, inputs, outputs, pullbacks in _layer_pullbacks(ggn, layers):
-        for n, a in inputs.items():
+    for chunk in ggn.pullbacks({n: h.module for n, h in layers.items()}):
+        for n, a in chunk.inputs.items():
             helper = layers[n]
-            s = sums.setdefault(n, [_Gram(), _Gram(), helper.locations(outputs[n])])
+            T = helper.locations(torch.empty(chunk.shapes[n], device="meta"))
+            s = sums.setdefault(n, [_Gram(), _Gram(), T])
             s[0].add(helper.input_rows(a))
-        for grads in pullbacks:
+        for grads in chunk.rows:
             for n, g in grads.items():
                 sums[n][1].add(layers[n].output_grad_rows(g))
     return {n: (s[0].root(), s[1].root(), s[2]) for n, s in sums.items()
@@ -260,35 +222,6 @@ def layer_traces(ggn: GGNOperator, layers: dict[str, LayerHelper],
                  memory_elements: int = 1 << 24) -> dict[str, float]:
     """Exact ``tr F_ℓℓ = (1/N) Σ_n Σ_r ‖∂(B_n f_n)_r / ∂θ_ℓ‖²`` per layer, from one forward and
     ``R`` backward passes per chunk to the layer outputs (no per-sample gradients of all
-    parameters): the per-sample gradient of a layer is ``Σ_t g_t ā_tᵀ`` with the helpers' rows,
-    whose squared norm is ``‖g‖² ‖ā‖²`` when ``T = 1``. Needs an eval-mode model whose samples do
-    not interact (checked by the operator)."""
-    sums = {n: torch.zeros((), dtype=torch.float64) for n in layers}
-    for m, inputs, _, pullbacks in _layer_pullbacks(ggn, layers):
-        A = {n: layers[n].input_rows(a).reshape(m, -1, layers[n].in_dim)
-             for n, a in inputs.items()}
-        for grads in pullbacks:
-            for n, g in grads.items():
-                G = layers[n].output_grad_rows(g).reshape(m, -1, layers[n].out_dim)
-                sums[n] += _per_sample_sq_norms(G, A[n], memory_elements)
-    return {n: float(v) / ggn.num_samples for n, v in sums.items()}
-
-
-def _per_sample_sq_norms(G: Tensor, A: Tensor, memory_elements: int) -> Tensor:
-    """``Σ_n ‖G_nᵀ A_n‖_F²`` for ``G (m, T, d_G)``, ``A (m, T, d_A)`` (float64 sum)."""
-    if G.shape[1] == 1:
-        return (G.double().pow(2).sum((1, 2)) * A.double().pow(2).sum((1, 2))).sum()
-    m, T, dg = G.shape
-    da = A.shape[2]
-    total = torch.zeros((), dtype=torch.float64)
-    if T * T * (dg + da) < T * dg * da:  # Gram form: Σ_tt' (g_t·g_t')(a_t·a_t')
-        sub = max(1, memory_elements // (T * T))
-        for s in range(0, m, sub):
-            gg = G[s:s + sub] @ G[s:s + sub].transpose(1, 2)
-            aa = A[s:s + sub] @ A[s:s + sub].transpose(1, 2)
-            total += (gg.double() * aa.double()).sum()
-        return total
-    sub = max(1, memory_elements // (dg * da))
-    for s in range(0, m, sub):
-        total += (G[s:s + sub].transpose(1, 2) @ A[s:s + sub]).double().pow(2).sum()
-    return total
+    parameters): :func:`natgrad.fisher.layer_diagonal.ggn_layer_traces`. Needs an eval-mode
+    model whose samples do not interact (checked by the operator)."""
+    return ggn_layer_traces(ggn, layers, memory_elements)
