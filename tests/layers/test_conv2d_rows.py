@@ -38,3 +38,14 @@ def test_input_rows_equal_unfold(kw):
     # and the rows reproduce the convolution
     out = conv(x).flatten(2).transpose(1, 2)  # (m, T, c_out)
     assert torch.allclose((rows @ W.T).reshape(out.shape), out, atol=1e-5)
+
+
+def test_output_grad_matrix_is_the_rows_per_sample():
+    conv = nn.Conv2d(3, 4, 3, stride=2)
+    helper = helper_for(conv)[0]
+    g = torch.randn(5, 4, 3, 2)
+    rows = helper.output_grad_rows(g)
+    assert torch.equal(helper.output_grad_matrix(g), rows.reshape(5, -1, 4))
+    lin = helper_for(nn.Linear(3, 4))[0]  # the default: rows reshaped
+    g = torch.randn(5, 2, 4)
+    assert torch.equal(lin.output_grad_matrix(g), lin.output_grad_rows(g).reshape(5, 2, 4))

@@ -39,7 +39,7 @@ def input_matrix(helper: LayerHelper, inputs: Tensor) -> Tensor:
 
 def grad_matrix(helper: LayerHelper, grad: Tensor) -> Tensor:
     """``G``: ``(m, T, d_G)`` from the gradient at the layer output ``(m, ...)``."""
-    return helper.output_grad_rows(grad).reshape(grad.shape[0], -1, helper.out_dim)
+    return helper.output_grad_matrix(grad)
 
 
 def per_sample_sq_norms(G: Tensor, A: Tensor, memory_elements: int = 1 << 24) -> Tensor:

@@ -79,6 +79,11 @@ class LayerHelper(ABC):
     def output_grad_rows(self, grad_output: Tensor) -> Tensor:
         """Rows ``g`` of the output-gradient statistics, ``(n, d_G)``, from ``(m, ...)``."""
 
+    def output_grad_matrix(self, grad_output: Tensor) -> Tensor:
+        """The rows of :meth:`output_grad_rows` per sample, ``(m, T, d_G)`` (may be a view)."""
+        return self.output_grad_rows(grad_output).reshape(grad_output.shape[0], -1,
+                                                          self.out_dim)
+
     @abstractmethod
     def locations(self, grad_output_or_output: Tensor) -> int:
         """``T``: the number of spatial locations per sample (1 for Linear)."""

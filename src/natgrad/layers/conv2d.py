@@ -48,6 +48,11 @@ class Conv2dHelper(LayerHelper):
         c = grad_output.shape[1]
         return grad_output.movedim(1, -1).reshape(-1, c)
 
+    def output_grad_matrix(self, grad_output: Tensor) -> Tensor:
+        # (m, c, h, w) → (m, h·w, c) as a view: the per-sample products G_nᵀ A_n read the
+        # channel-major layout directly, without the copy of output_grad_rows
+        return grad_output.flatten(2).transpose(1, 2)
+
     def locations(self, grad_output_or_output: Tensor) -> int:
         return int(grad_output_or_output.shape[-1] * grad_output_or_output.shape[-2])
 
