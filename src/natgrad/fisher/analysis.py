@@ -20,7 +20,7 @@ from ..curvature import discover
 from ..factors import ProjectedOptions
 from .ggn import EmpiricalFisher, ExactFisher, GGNOperator, MCFisher
 from .kfac import KFACOperator, layer_statistics, layer_traces
-from .kron import kfac_logdet, kfac_top_eigenvalues, kfac_trace
+from .kron import kfac_logdet, kfac_top_eigenpairs, kfac_top_eigenvalues, kfac_trace
 from .lanczos import condition_number, lanczos_topk
 from .quality import (
     block_products,
@@ -30,6 +30,7 @@ from .quality import (
     subspace_overlap,
 )
 from .results import Estimate
+from .rows import RowFisher, rows_summary
 from .slq import effective_dimension, quadrature, slq_logdet, spectral_density
 
 FISHERS: dict[str, type[GGNOperator]] = {
@@ -111,14 +112,25 @@ def analyze(
 
     all_converged = True
     stage("trace")
-    # per layer from R backward passes to the layer outputs; the exact diagonal (per-sample
-    # gradients) only for parameters outside every recognised layer
-    layer_trace = layer_traces(op, layers)
-    covered = {i for idx in groups.values() for i in idx}
-    rest = [n for i, n in enumerate(op.names) if i not in covered]
-    rest_trace = float(op.restrict(rest).diagonal().double().sum()) if rest else 0.0
-    report["trace"] = {"value": sum(layer_trace.values()) + rest_trace, "stderr": 0.0,
-                       "exact": True}
+    # the rows of B_n J_n in memory when they fit the cache budget: later products are a few
+    # matmuls per layer, not a pass through the network; they give the exact diagonal for free
+    rows = RowFisher.from_ggn(op, max_bytes=cache_bytes) if cache else None
+    report["products"] = rows_summary(rows)
+    if rows is not None:
+        op = rows
+        diag = rows.diagonal().double()
+        layer_trace = {n: float(sum(diag[op.offsets[i]:op.offsets[i + 1]].sum()
+                                    for i in groups[n])) for n in layers}
+        total_trace = float(diag.sum())
+    else:
+        # per layer from R backward passes to the layer outputs; the exact diagonal
+        # (per-sample gradients) only for parameters outside every recognised layer
+        layer_trace = layer_traces(op, layers)
+        covered = {i for idx in groups.values() for i in idx}
+        rest = [n for i, n in enumerate(op.names) if i not in covered]
+        rest_trace = float(op.restrict(rest).diagonal().double().sum()) if rest else 0.0
+        total_trace = sum(layer_trace.values()) + rest_trace
+    report["trace"] = {"value": total_trace, "stderr": 0.0, "exact": True}
     done("trace")
 
     stage("top_k")
@@ -170,20 +182,24 @@ def analyze(
     report["coupling"] = _est(coupling_strength(bp))
     approx_report: dict[str, Any] = {}
     for key, K in approx_ops.items():
-        kt = lanczos_topk(K, k=top_k, tol=tol, seed=seed)
+        # eigenvectors vec(q_G q_Aᵀ) of the blocks in closed form; Lanczos when not available
+        pairs = kfac_top_eigenpairs(K, top_k)
+        kvectors = pairs[1] if pairs is not None else lanczos_topk(
+            K, k=top_k, tol=tol, seed=seed).vectors
         approx_report[key] = {
             "relative_error": _est(relative_error(op, K, V=bp.V, FV=bp.FV)),
             "top_eigenvalues_closed_form": kfac_top_eigenvalues(K, top_k).tolist(),
             "trace_closed_form": kfac_trace(K),
             "logdet_closed_form": kfac_logdet(K, damping),
-            "top_k_overlap": subspace_overlap(top.vectors, kt.vectors),
+            "top_k_overlap": subspace_overlap(top.vectors, kvectors),
             "uncovered_parameters": K.uncovered,
         }
     report["approximations"] = approx_report
     done("approximation")
 
     stage("layers")
-    op.clear_cache()  # the full operator is not multiplied again
+    if isinstance(op, GGNOperator):
+        op.clear_cache()  # the full operator is not multiplied again
     rows = []
     for b, name in enumerate(names):
         blk = op.block(name)

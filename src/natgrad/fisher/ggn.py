@@ -17,7 +17,10 @@ EmpiricalFisher ``r rᵀ`` with the data label ``y``: *not a Fisher* in   ``1``
 Convention: the **mean** over the ``N`` samples. ``F v`` costs one ``jvp`` and one ``vjp`` per
 chunk (memory ``O(P + chunk)``); ``g_nᵀ v = r_nᵀ (J_n v)`` is the gradient-outer-product trick, so
 MC / empirical products never form per-sample gradients. The exact diagonal needs the rows of
-``B_n J_n``: ``R`` backward passes per sample, vectorised with ``vmap`` (never one per parameter).
+``B_n J_n``: for Linear / Conv2d layers, ``B_n`` pulled back to the layer outputs (``R`` backward
+passes per chunk, :mod:`natgrad.fisher.pullback`) times the layer inputs
+(:mod:`natgrad.fisher.layer_diagonal`); for any other parameter ``R`` backward passes per sample,
+vectorised with ``vmap`` (never one per parameter).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from torch.func import functional_call, jvp, linearize, vjp, vmap
 from ..likelihoods import Likelihood, get_likelihood
 from ._model import Data, check_deterministic, count_samples, iter_chunks, select_params
 from .base import LinearOperator
+from .layer_diagonal import ggn_diagonal
+from .pullback import ChunkPullback, layer_pullbacks
 
 
 class _Chunk(NamedTuple):
@@ -111,6 +116,20 @@ class GGNOperator(LinearOperator):
     def _f(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """Outputs ``(m, C)`` (flattened per sample)."""
         return functional_call(self.model, {**self._fixed, **params}, (x,)).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Outputs ``(m, C)`` at the operator's parameters (which carry no gradient)."""
+        return self._f(self._params, x)
+
+    def chunks(self, chunk_size: int | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """``(x, y)`` chunks of the data (``x`` on the operator's device and dtype)."""
+        for x, y in iter_chunks(self.data, chunk_size or self.chunk_size):
+            yield x.to(device=self.device, dtype=self.dtype), y
+
+    def pullbacks(self, modules: dict[str, nn.Module]) -> Iterator[ChunkPullback]:
+        """Per chunk, the rows of ``B_n`` pulled back to the outputs of ``modules`` (each must
+        run once per forward pass): :func:`natgrad.fisher.pullback.layer_pullbacks`."""
+        return layer_pullbacks(self.forward, modules, self.chunks(), self.output_factor)
 
     def output_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
         """``B_n`` for a chunk: ``(m, R, C)`` from outputs ``(m, C)``; ``chunk`` is its index."""
@@ -236,6 +255,16 @@ class GGNOperator(LinearOperator):
 
     def diagonal(self, memory_elements: int = 1 << 25) -> Tensor:
         """The exact diagonal ``(1/N) Σ_n Σ_r ((B_n J_n)_{r,:})²``, shape ``(P,)``.
+
+        Linear / Conv2d layers: ``B_n`` pulled back to their outputs (one forward, ``R``
+        backward passes per chunk) and combined with their inputs
+        (:func:`~natgrad.fisher.layer_diagonal.ggn_diagonal`); other parameters:
+        :meth:`sample_diagonal`.
+        """
+        return ggn_diagonal(self, memory_elements)
+
+    def sample_diagonal(self, memory_elements: int = 1 << 25) -> Tensor:
+        """:meth:`diagonal` from per-sample gradients of all parameters (any model).
 
         ``R`` backward passes per sample (vmapped over samples and rows); per-sample gradients of a
         sub-chunk sized so that ``sub · R · P ≤ memory_elements``.

@@ -25,12 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import CurvatureBlock
-from ..curvature import KroneckerCurvature, data_statistics, discover, pullbacks
+from ..curvature import Gram, KroneckerCurvature, data_statistics, discover
 from ..factors import KroneckerFactor
 from ..layers import LayerHelper
 from ..likelihoods import get_likelihood
 from ._model import Data, check_deterministic, select_params
 from .base import LinearOperator
+from .layer_diagonal import ggn_layer_traces
 
 
 class KFACOperator(LinearOperator):
@@ -98,7 +99,12 @@ class KFACOperator(LinearOperator):
         seed: int = 0,
         output_key: str | int | None = None,
     ) -> KFACOperator:
-        """Fresh factors of ``strategy`` from one pass over ``data`` (see the module docstring)."""
+        """Fresh factors of ``strategy`` from one pass over ``data`` (see the module docstring).
+
+        The statistics are summed in float64 once per layer and side (:class:`natgrad.curvature.
+        Gram`); strategies that accept a dense moment (``supports_moment``) get ``Σ XᵀX``
+        directly, with no square root of it taken (an ``O(d³)`` eigendecomposition per factor
+        otherwise)."""
         layers, stats, num_samples = layer_statistics(
             model, data, loss, fisher, chunk_size, mc_samples, seed, output_key)
         return cls.from_statistics(model, layers, stats, num_samples, strategy, factor_options)
@@ -114,7 +120,8 @@ class KFACOperator(LinearOperator):
         factor_options: Any = None,
     ) -> KFACOperator:
         """Factors of ``strategy`` from :func:`layer_statistics` output (shareable between
-        strategies): per layer ``(rows or square root of Σ āāᵀ, same for Σ ggᵀ, T)``.
+        strategies): per layer ``(Σ āāᵀ, Σ ggᵀ, T)`` as :class:`~natgrad.curvature.Gram` sums
+        (or as rows ``R`` with ``RᵀR`` the sum).
 
         The factors are made by the same :class:`~natgrad.curvature.KroneckerCurvature` as the
         optimizer's (same strategies, options and precision rule) and filled in one update."""
@@ -126,10 +133,16 @@ class KFACOperator(LinearOperator):
             options=factor_options, registration=Registration(layers=dict(layers)))
         rows = {}
         for name, (RA, RG, T) in stats.items():
-            helper, dtype = layers[name], curvature.blocks[name].factors[0].dtype
-            rows[name] = LayerStatistics(RA.to(dtype), helper.input_scale(num_samples),
-                                         RG.to(dtype), helper.output_grad_scale(num_samples, T),
-                                         num_samples, a_diagonal=helper.diagonal_input)
+            helper, block = layers[name], curvature.blocks[name]
+            dtype = block.factors[0].dtype
+            # a dense moment where every factor takes one (no square root needed), rows otherwise
+            moment = isinstance(RA, Gram) and all(f.supports_moment for f in block.factors)
+            a, g = (_side(RA, moment and not helper.diagonal_input), _side(RG, moment))
+            rows[name] = LayerStatistics(a.to(dtype), helper.input_scale(num_samples),
+                                         g.to(dtype), helper.output_grad_scale(num_samples, T),
+                                         num_samples, a_moment=moment and not
+                                         helper.diagonal_input, g_moment=moment,
+                                         a_diagonal=helper.diagonal_input)
         curvature.update(rows, decay=0.0)
         for name in rows:
             for f in curvature.blocks[name].factors:
@@ -148,6 +161,8 @@ class KFACOperator(LinearOperator):
             for j in range(V.shape[1]):
                 parts = [V[self.offsets[i]:self.offsets[i + 1], j].reshape(self.shapes[i])
                          for i in idx]
+                if not any(bool(t.any()) for t in parts):
+                    continue  # a zero block (e.g. probes masked to another layer): zero result
                 M = helper.grad_matrix(parts).to(dtype)
                 R = block.matvec(M).to(self.dtype)
                 for i, t in zip(idx, helper.split_matrix(R)):
@@ -186,44 +201,17 @@ def layer_statistics(
     return layers, stats, n
 
 
+def _side(stat: Any, moment: bool) -> Tensor:
+    """A :class:`Gram` as its moment or its rows; rows as they are."""
+    if not isinstance(stat, Gram):
+        return stat
+    return stat.moment() if moment else stat.root()
+
+
 def layer_traces(ggn: Any, layers: dict[str, LayerHelper],
                  memory_elements: int = 1 << 24) -> dict[str, float]:
-    """Exact ``tr F_ℓℓ = (1/N) Σ_n Σ_r ‖∂(B_n f_n)_r / ∂θ_ℓ‖²`` per layer, from one forward and a
-    batched pull-back of the ``R`` output directions per chunk to the layer outputs (no per-sample
-    gradients of all parameters): the per-sample gradient of a layer is ``Σ_t g_t ā_tᵀ`` with the
-    helpers' rows, whose squared norm is ``‖g‖² ‖ā‖²`` when ``T = 1``. Needs an eval-mode model
-    whose samples do not interact (checked by the operator).
-
-    ``ggn``: a Fisher operator (:class:`~natgrad.fisher.ExactFisher`, ``MCFisher``,
-    ``EmpiricalFisher``); its data, Fisher kind, chunks and Monte-Carlo seed are used."""
-    sums = {n: torch.zeros((), dtype=torch.float64) for n in layers}
-    kw = {"mc_samples": ggn.mc_samples, "seed": ggn.seed} if ggn.fisher == "mc" else {}
-    for m, inputs, _, grads in pullbacks(ggn.model, layers, ggn.data, ggn.likelihood,
-                                         ggn.fisher, chunk_size=ggn.chunk_size, **kw):
-        A = {n: layers[n].input_rows(a).reshape(m, -1, layers[n].in_dim)
-             for n, a in inputs.items()}
-        for n, g in grads.items():
-            for r in range(g.shape[0]):
-                G = layers[n].output_grad_rows(g[r]).reshape(m, -1, layers[n].out_dim)
-                sums[n] += _per_sample_sq_norms(G, A[n], memory_elements)
-    return {n: float(v) / ggn.num_samples for n, v in sums.items()}
-
-
-def _per_sample_sq_norms(G: Tensor, A: Tensor, memory_elements: int) -> Tensor:
-    """``Σ_n ‖G_nᵀ A_n‖_F²`` for ``G (m, T, d_G)``, ``A (m, T, d_A)`` (float64 sum)."""
-    if G.shape[1] == 1:
-        return (G.double().pow(2).sum((1, 2)) * A.double().pow(2).sum((1, 2))).sum()
-    m, T, dg = G.shape
-    da = A.shape[2]
-    total = torch.zeros((), dtype=torch.float64)
-    if T * T * (dg + da) < T * dg * da:  # Gram form: Σ_tt' (g_t·g_t')(a_t·a_t')
-        sub = max(1, memory_elements // (T * T))
-        for s in range(0, m, sub):
-            gg = G[s:s + sub] @ G[s:s + sub].transpose(1, 2)
-            aa = A[s:s + sub] @ A[s:s + sub].transpose(1, 2)
-            total += (gg.double() * aa.double()).sum()
-        return total
-    sub = max(1, memory_elements // (dg * da))
-    for s in range(0, m, sub):
-        total += (G[s:s + sub].transpose(1, 2) @ A[s:s + sub]).double().pow(2).sum()
-    return total
+    """Exact ``tr F_ℓℓ = (1/N) Σ_n Σ_r ‖∂(B_n f_n)_r / ∂θ_ℓ‖²`` per layer, from one forward and
+    ``R`` backward passes per chunk to the layer outputs (no per-sample gradients of all
+    parameters): :func:`natgrad.fisher.layer_diagonal.ggn_layer_traces`. Needs an eval-mode
+    model whose samples do not interact (checked by the operator)."""
+    return ggn_layer_traces(ggn, layers, memory_elements)

@@ -31,6 +31,10 @@ class LayerHelper(ABC):
     #: the input statistic is exactly diagonal (one-hot inputs): :meth:`a_rows` gives rows whose
     #: column sums are the diagonal of ``Σ ā āᵀ`` instead of the rows ``ā`` themselves
     diagonal_input: ClassVar[bool] = False
+    #: a sample's weight gradient is ``Σ_t g_t ā_tᵀ`` of its :meth:`input_rows` and
+    #: :meth:`output_grad_rows` (Linear, Conv2d): the analysis' fast exact diagonal and traces
+    #: use it (:mod:`natgrad.fisher.layer_diagonal`); other layers take the generic path
+    per_sample_rows: ClassVar[bool] = False
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -94,6 +98,11 @@ class LayerHelper(ABC):
     @abstractmethod
     def output_grad_rows(self, grad_output: Tensor) -> Tensor:
         """Rows ``g`` of the output-gradient statistics, ``(n, d_G)``, from ``(m, ...)``."""
+
+    def output_grad_matrix(self, grad_output: Tensor) -> Tensor:
+        """The rows of :meth:`output_grad_rows` per sample, ``(m, T, d_G)`` (may be a view)."""
+        return self.output_grad_rows(grad_output).reshape(grad_output.shape[0], -1,
+                                                          self.out_dim)
 
     @abstractmethod
     def locations(self, grad_output_or_output: Tensor) -> int:

@@ -10,6 +10,7 @@ from .base import LayerHelper
 class LinearHelper(LayerHelper):
     module_type = nn.Linear
     kind = "linear"
+    per_sample_rows = True
 
     def input_rows(self, inputs: Tensor) -> Tensor:
         return self._append_ones(inputs.reshape(-1, inputs.shape[-1]))
