@@ -1,5 +1,23 @@
-"""Optimizers and the registry that builds them by name."""
+"""Optimizers and the registry that builds them by name.
+
+``natgrad.optim.KFAC`` and :class:`PreconditionedOptimizer` are imported on first use, so the
+registry (read by the command line's help) loads without torch.
+"""
+
+from typing import Any
 
 from .registry import OPTIMIZERS, OptimizerSpec, make_optimizer
 
-__all__ = ["OPTIMIZERS", "OptimizerSpec", "make_optimizer"]
+__all__ = ["KFAC", "OPTIMIZERS", "OptimizerSpec", "PreconditionedOptimizer", "make_optimizer"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "KFAC":
+        from .kfac import KFAC
+
+        return KFAC
+    if name == "PreconditionedOptimizer":
+        from .preconditioned import PreconditionedOptimizer
+
+        return PreconditionedOptimizer
+    raise AttributeError(f"module 'natgrad.optim' has no attribute {name!r}")

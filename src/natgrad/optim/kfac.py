@@ -44,7 +44,7 @@ from ..likelihoods import ALIASES, LIKELIHOODS, get_likelihood
 from ..norms import finite_total, squared_norms
 from . import hyper
 from .diagnostics import missing_statistics
-from .update import apply_updates, natural_directions
+from .update import apply_updates, natural_directions, write_gradients
 
 logger = logging.getLogger("natgrad")
 
@@ -115,6 +115,11 @@ class KFAC(torch.optim.Optimizer):
         grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop: the empirical
             statistics are unscaled, and the statistics of a step the scaler skipped are
             dropped. (``scaler.step(optimizer)`` unscales the gradients before the step.)
+        preconditioner: ``True``: ``step()`` leaves the parameters alone and writes the
+            natural-gradient direction (damped, KL-clipped with ``lr``) into each preconditioned
+            parameter's ``.grad``, for any ``torch.optim`` optimizer to take the step
+            (:class:`natgrad.optim.PreconditionedOptimizer` pairs the two); ``momentum`` and
+            ``weight_decay`` must then be 0 (they are the other optimizer's).
 
     Every scalar hyperparameter may also be a callable ``step -> value``; numbers may be NumPy
     scalars or one-element tensors, as in ``torch.optim``.
@@ -145,6 +150,7 @@ class KFAC(torch.optim.Optimizer):
         loss_reduction: str = "batch_mean",
         accumulation: str = "mean",
         grad_scaler: Any = None,
+        preconditioner: bool = False,
     ) -> None:
         # ---- validate everything before any state exists
         if not isinstance(model, nn.Module):
@@ -161,6 +167,14 @@ class KFAC(torch.optim.Optimizer):
         check_factor_dtype(factor_dtype)
         _check_choices(precondition, seed, output_key, loss_reduction, accumulation,
                        grad_scaler)
+        if not isinstance(preconditioner, bool):
+            raise ValueError(f"invalid preconditioner={preconditioner!r}: expected True or False")
+        if preconditioner:
+            for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+                if callable(value) or hyper.normalize(name, value) != 0:
+                    raise ValueError(
+                        f"invalid {name}={value!r} with preconditioner=True: momentum and weight "
+                        "decay belong to the optimizer that takes the step (expected 0)")
         coordinator = resolve_distributed(distributed)
         net = unwrap(model)
         param_list = list(net.parameters()) if params is None else list(params)
@@ -181,6 +195,7 @@ class KFAC(torch.optim.Optimizer):
         self.inverse_every = inverse_every
         self.kl_clip = kl_clip
         self.precondition = bool(precondition)
+        self.preconditioner = preconditioner
         optimised = [p for g in self.param_groups for p in g["params"]]
         #: the curvature engine: layers, factors, updates, refreshes, solves
         self.curvature = KroneckerCurvature(net, optimised, strategy=factors, options=options,
@@ -293,9 +308,12 @@ class KFAC(torch.optim.Optimizer):
         layer_group = self._layer_group()
         if self.precondition:
             self._update_curvature(stats, hp, k, layer_group)
-        directions, scales = natural_directions(
-            self, hp, layer_group, {id(p): n for p, n in zip(with_grad, norms)})
-        apply_updates(self, directions, scales, hp)
+        grad_norms = {id(p): n for p, n in zip(with_grad, norms)}
+        if self.preconditioner:
+            write_gradients(self, hp, layer_group, grad_norms)
+        else:
+            directions, scales = natural_directions(self, hp, layer_group, grad_norms)
+            apply_updates(self, directions, scales, hp)
         self.steps += 1
         self._capture.armed = arm_next
         return loss

@@ -38,7 +38,8 @@ class OptimizerSpec:
         description: one line for ``--help``.
         lr_by_loss: default learning rates that differ by loss kind (e.g. ``{"bce": 1e-3}`` where
             the summed reconstruction loss makes gradients larger), overriding ``default_lr``.
-        strategy: the factor strategy of a :class:`natgrad.KFAC` entry (``None`` otherwise).
+        strategy: the factor strategy of a plain :class:`natgrad.KFAC` entry (``None`` for
+            first-order optimizers and for a preconditioner in front of one).
     """
 
     factory: Factory
@@ -67,11 +68,19 @@ def _adam(model: nn.Module, params: Params, lr: float, loss_kind: str,
     return torch.optim.Adam(params, lr=lr, **kw)
 
 
+def _adamw(model: nn.Module, params: Params, lr: float, loss_kind: str,
+           **kw: Any) -> torch.optim.Optimizer:
+    import torch
+
+    return torch.optim.AdamW(params, lr=lr, **kw)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sgd": OptimizerSpec(
         _sgd, default_lr=0.05, description="SGD, momentum 0.9", lr_by_loss={"bce": 3e-3}
     ),
     "adam": OptimizerSpec(_adam, default_lr=1e-3, description="Adam"),
+    "adamw": OptimizerSpec(_adamw, default_lr=1e-3, description="AdamW (weight decay 0.01)"),
 }
 
 
@@ -126,6 +135,28 @@ def _kfac_strategy(strategy: str, **defaults: Any) -> Factory:
     return factory
 
 
+#: the projected K-FAC schedule of ``pkfac`` (also behind ``pkfac+adamw``)
+PKFAC = {"curvature_every": 10, "inverse_every": 10, "factor_decay": 0.8}
+
+
+def _preconditioned(strategy: str, inner: Factory, **defaults: Any) -> Factory:
+    """A factory for :class:`natgrad.optim.PreconditionedOptimizer`: :class:`natgrad.KFAC` in
+    preconditioner mode (KL-clip at the inner optimizer's current lr) in front of ``inner``."""
+
+    def factory(model: nn.Module, params: Params, lr: float, loss_kind: str,
+                **kw: Any) -> torch.optim.Optimizer:
+        from .kfac import KFAC
+        from .preconditioned import PreconditionedOptimizer
+
+        params = list(params)
+        opt = inner(model, params, lr, loss_kind)
+        pre_kw = {"factors": strategy, **defaults, **kw}
+        pre = KFAC(model, lr=lr, params=params, loss=loss_kind, preconditioner=True, **pre_kw)
+        return PreconditionedOptimizer(pre, opt)
+
+    return factory
+
+
 OPTIMIZERS["kfac"] = OptimizerSpec(
     _kfac_strategy("eigh"), default_lr=0.1, description="K-FAC, dense eigendecompositions",
     strategy="eigh",
@@ -140,13 +171,14 @@ OPTIMIZERS["pkfac"] = OptimizerSpec(
     # Curvature is refreshed 10x less often than kfac's, so each refresh gets more weight
     # (ρ = 0.8 per refresh): the factors' memory in steps stays comparable to kfac's. The rank
     # is the projected strategy's default, 24 (natgrad.factors.ProjectedOptions).
-    _kfac_strategy(
-        "projected",
-        curvature_every=10,
-        inverse_every=10,
-        factor_decay=0.8,
-    ),
+    _kfac_strategy("projected", **PKFAC),
     default_lr=0.1,
     description="projected K-FAC: rank-24 eigen-subspace + scaled identity, recursive refresh",
     strategy="projected",
+)
+
+OPTIMIZERS["pkfac+adamw"] = OptimizerSpec(
+    _preconditioned("projected", _adamw, **PKFAC),
+    default_lr=1e-3,
+    description="projected K-FAC preconditioner (pkfac's schedule) in front of AdamW",
 )

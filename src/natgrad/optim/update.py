@@ -1,7 +1,8 @@
 """The parameter update of a K-FAC step: natural-gradient directions, KL-clip, momentum.
 
 Kept apart from :mod:`natgrad.optim.kfac` (hyperparameters, schedule, checkpoints) so that the
-optimizer and the preconditioner mode share one implementation of the direction.
+optimizer (:func:`natural_directions`, :func:`apply_updates`) and the preconditioner mode
+(:func:`write_gradients`) share one implementation of the direction.
 """
 
 from __future__ import annotations
@@ -92,6 +93,21 @@ def natural_directions(opt: KFAC, hp: dict[str, Any], layer_group: dict[str, int
             directions[id(p)] = d.to(p.dtype)
             scales[id(p)] = scale
     return directions, scales
+
+
+def write_gradients(opt: KFAC, hp: dict[str, Any], layer_group: dict[str, int],
+                    grad_norms: dict[int, Tensor]) -> None:
+    """Preconditioner mode: each preconditioned parameter's ``.grad`` becomes ``ν · D``, its part
+    of the KL-clipped natural-gradient direction, so that a plain step ``p -= lr · p.grad`` is
+    exactly :class:`natgrad.KFAC`'s. Other gradients are left as they are."""
+    if not opt.precondition:
+        return
+    new = solve_layers(opt, gradient_directions(opt, hp), hp, layer_group, grad_norms)
+    scale = kl_scale(new, hp, layer_group)
+    for name, D in new.items():
+        helper = opt.layers[name]
+        for p, d in zip(helper.params, helper.split_matrix(D.dense())):
+            p.grad.copy_(d.mul(scale) if scale != 1.0 else d)
 
 
 def apply_updates(opt: KFAC, directions: dict[int, Tensor], scales: dict[int, float],
