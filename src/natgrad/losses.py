@@ -11,7 +11,9 @@ kind              per-sample loss                                 likelihood    
 ``mse``           ``½ ‖f − y‖²``                                  Gaussian, σ² = 1    no
 ================  ==============================================  ==================  ==========
 
-So ``bce`` and ``mse`` *sum* over output coordinates and average over samples; a K-FAC optimizer
+For sequence logits ``(m, T, C)`` the ``cross_entropy`` loss is the mean over samples and
+positions (the usual language-model loss). ``bce`` and ``mse`` *sum* over output coordinates
+and average over samples; a K-FAC optimizer
 told ``loss=<kind>`` can sample targets from :attr:`LossKind.likelihood` and use output-space
 Hessians ``diag(p) − p pᵀ`` (categorical), ``diag(σ(f)(1 − σ(f)))`` (Bernoulli) or ``I`` (Gaussian).
 """
@@ -25,6 +27,14 @@ import torch
 import torch.nn.functional as F
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Logits ``(m, …, C)``, labels ``(m, …)``: the mean over every sample and position (for
+    ``(m, C)`` exactly ``F.cross_entropy``)."""
+    if out.ndim == 2:
+        return F.cross_entropy(out, target)
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
 
 
 def _bce(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -56,7 +66,7 @@ class LossKind:
 
 
 LOSSES: dict[str, LossKind] = {
-    "cross_entropy": LossKind("cross_entropy", F.cross_entropy, "categorical", True),
+    "cross_entropy": LossKind("cross_entropy", _cross_entropy, "categorical", True),
     "bce": LossKind("bce", _bce, "bernoulli", False),
     "mse": LossKind("mse", _mse, "gaussian", False),
 }

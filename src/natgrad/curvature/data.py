@@ -139,8 +139,8 @@ def pullbacks(
 
     Yields:
         ``(m, inputs, outputs, grads)``: per layer its input ``(m, ...)``, its output and the
-        pulled-back gradients ``(R, *output.shape)`` (layers the output does not depend on are
-        left out).
+        pulled-back gradients, a list of ``R`` tensors shaped like the output (layers the output
+        does not depend on are left out).
     """
     fisher = check_fisher(fisher)
     store: dict[str, tuple[Tensor, Tensor]] = {}
@@ -167,7 +167,7 @@ def pullbacks(
             with torch.enable_grad():
                 grads = pullback(get_gradient_edge(out), [get_gradient_edge(store[n][1])
                                                           for n in names],
-                                 directions, _memory_batch(numel, memory_elements))
+                                 directions, _memory_batch(numel, memory_elements), stack=False)
             yield (batch_size(x), {n: store[n][0] for n in names},
                    {n: store[n][1] for n in names},
                    {n: g for n, g in zip(names, grads) if g is not None})
@@ -265,7 +265,7 @@ def data_statistics(
                                     helper.locations(outputs[n])])
             s[0].add(helper.a_rows(kept[n]))
         for n, g in grads.items():
-            for r in range(g.shape[0]):  # one direction at a time: the same sums as before
-                sums[n][1].add(layers[n].g_rows(g[r:r + 1], kept[n]))
+            for g_r in g:  # one direction at a time: the same sums as before
+                sums[n][1].add(layers[n].g_rows(g_r[None], kept[n]))
     stats = {n: (s[0], s[1], s[2]) for n, s in sums.items() if not s[1].empty}
     return stats, total

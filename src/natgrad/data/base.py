@@ -16,18 +16,27 @@ class DatasetInfo:
 
     Attributes:
         name: registry name, e.g. ``"mnist5k"``.
-        input_shape: shape of one input, ``(C, H, W)`` for images or ``(D,)`` for vectors.
-        num_classes: number of labels.
+        input_shape: shape of one input, ``(C, H, W)`` for images, ``(D,)`` for vectors or
+            ``(T,)`` for token sequences.
+        num_classes: number of labels (per position for sequences).
+        vocab: the number of token values for token-sequence inputs (int64 ids, one label
+            per position); 0 for real-valued inputs.
     """
 
     name: str
     input_shape: tuple[int, ...]
     num_classes: int
+    vocab: int = 0
+
+    @property
+    def is_sequence(self) -> bool:
+        """True for token-sequence inputs ``(T,)`` of int64 ids with a label per position."""
+        return self.vocab > 0
 
     @property
     def is_image(self) -> bool:
         """True for ``(C, H, W)`` inputs."""
-        return len(self.input_shape) == 3
+        return len(self.input_shape) == 3 and not self.is_sequence
 
     @property
     def in_features(self) -> int:
@@ -50,7 +59,8 @@ class DatasetInfo:
 class ArrayDataset(TensorDataset):
     """A :class:`~torch.utils.data.TensorDataset` of ``(x, y)`` plus its :class:`DatasetInfo`.
 
-    ``x`` is float32 ``(N, *info.input_shape)``, ``y`` int64 ``(N,)``.
+    ``x`` is float32 ``(N, *info.input_shape)``, ``y`` int64 ``(N,)`` — or, for token
+    sequences, ``x`` and ``y`` int64 ``(N, T)``.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, info: DatasetInfo) -> None:

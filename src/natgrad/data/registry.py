@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cifar, embedded, mnist, teacher
+from . import cifar, embedded, mnist, sequences, teacher
 from .base import ArrayDataset, DatasetInfo
 from .errors import DataError
 
@@ -76,6 +76,11 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetInfo("teacher", (teacher.DIM,), teacher.NUM_CLASSES),
         description="synthetic teacher-student classification (20-d Gaussian inputs, 4 classes)",
     ),
+    "majority": DatasetSpec(
+        lambda root, norm: sequences.load_majority(),
+        sequences.INFO,
+        description="generated token sequences, target: the running majority (4,000 / 1,000)",
+    ),
 }
 
 
@@ -133,7 +138,7 @@ def load_dataset(
 
     Args:
         name: one of :data:`DATASETS` (``mnist5k``, ``mnist``, ``fashion-mnist``, ``cifar10``,
-            ``teacher``).
+            ``teacher``, ``majority``).
         root: directory with the files of a file-backed data set (ignored by built-in ones).
         download: fetch missing files with torchvision, when it is importable.
         normalize: standardise inputs with the data set's usual mean and std.

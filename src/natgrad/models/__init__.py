@@ -1,4 +1,5 @@
-"""Models: :class:`MLP`, :class:`SmallCNN`, :class:`DeepAutoencoder` and the :data:`MODELS` table.
+"""Models: :class:`MLP`, :class:`SmallCNN`, :class:`ResNet8`, :class:`CausalTransformer`,
+:class:`DeepAutoencoder` and the :data:`MODELS` table.
 
 >>> from natgrad.data import dataset_info
 >>> model = build_model("mlp", dataset_info("mnist5k"))
@@ -16,9 +17,13 @@ from .registry import (
     loss_kind,
     save_checkpoint,
 )
+from .resnet import ResNet8
+from .transformer import CausalTransformer
 
 __all__ = [
     "MLP",
+    "CausalTransformer",
+    "ResNet8",
     "MODELS",
     "DeepAutoencoder",
     "ModelSpec",

@@ -16,6 +16,8 @@ from torch import nn
 
 from ..data.base import DatasetInfo
 from .nets import MLP, DeepAutoencoder, SmallCNN
+from .resnet import ResNet8
+from .transformer import CausalTransformer
 
 Builder = Callable[[DatasetInfo, tuple[int, ...]], nn.Module]
 
@@ -30,6 +32,7 @@ class ModelSpec:
         default_hidden: widths used when none are given (empty: the model takes no widths).
         reconstruct: the target is the input itself (autoencoders), not the label.
         needs_images: the model needs ``(C, H, W)`` inputs (``[0, 1]`` pixels for ``bce``).
+        needs_tokens: the model needs token-sequence inputs (one label per position).
     """
 
     builder: Builder
@@ -37,6 +40,7 @@ class ModelSpec:
     default_hidden: tuple[int, ...] = ()
     reconstruct: bool = False
     needs_images: bool = False
+    needs_tokens: bool = False
 
     @property
     def takes_hidden(self) -> bool:
@@ -62,6 +66,16 @@ MODELS: dict[str, ModelSpec] = {
         reconstruct=True,
         needs_images=True,
     ),
+    "resnet8": ModelSpec(
+        lambda info, h: ResNet8(info.in_channels, info.num_classes),
+        "cross_entropy",
+        needs_images=True,
+    ),
+    "transformer": ModelSpec(
+        lambda info, h: CausalTransformer(info.vocab, info.num_classes, info.input_shape[0]),
+        "cross_entropy",
+        needs_tokens=True,
+    ),
 }
 
 
@@ -83,6 +97,9 @@ def check_model_args(name: str, info: DatasetInfo, hidden: Sequence[int] | None)
     spec = get_model_spec(name)
     if spec.needs_images and not info.is_image:
         raise ValueError(f"model {name!r} needs an image data set, not {info.name!r}")
+    if spec.needs_tokens != info.is_sequence:
+        kind = "a token-sequence data set" if spec.needs_tokens else "a non-sequence data set"
+        raise ValueError(f"model {name!r} needs {kind}, not {info.name!r}")
     if hidden is not None:
         if not spec.takes_hidden:
             raise ValueError(f"model {name!r} takes no hidden widths")
@@ -97,7 +114,7 @@ def build_model(
     """Build a registered model for a data set (initialised from torch's global RNG).
 
     Args:
-        name: ``"mlp"``, ``"cnn"`` or ``"autoencoder"``.
+        name: ``"mlp"``, ``"cnn"``, ``"resnet8"``, ``"transformer"`` or ``"autoencoder"``.
         dataset_info: input shape and number of classes.
         hidden: widths (MLP hidden layers; autoencoder encoder widths); default per model.
     """
@@ -124,6 +141,7 @@ def save_checkpoint(
         "dataset": dataset_info.name,
         "input_shape": list(dataset_info.input_shape),
         "num_classes": dataset_info.num_classes,
+        "vocab": dataset_info.vocab,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
@@ -134,7 +152,8 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model saved by :func:`save_checkpoint`; returns ``(model, checkpoint dict)``."""
     ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    info = DatasetInfo(ckpt["dataset"], tuple(ckpt["input_shape"]), ckpt["num_classes"])
+    info = DatasetInfo(ckpt["dataset"], tuple(ckpt["input_shape"]), ckpt["num_classes"],
+                       ckpt.get("vocab", 0))
     spec = get_model_spec(ckpt["model"])
     hidden = tuple(ckpt["hidden"]) if spec.takes_hidden else None
     model = build_model(ckpt["model"], info, hidden)
