@@ -161,7 +161,7 @@ def natgrad_hutchpp(model, X, y, s: Settings) -> float:
 def natgrad_kfac(model, X, y, s: Settings) -> list[tuple[Tensor, Tensor]]:
     from ..fisher import KFACOperator
 
-    K = KFACOperator.from_data(model, (X, y), "cross_entropy", fisher="type2",
+    K = KFACOperator.from_data(model, (X, y), "cross_entropy", fisher="exact",
                                strategy="cholesky", chunk_size=s.chunk)
     out = []
     for name, (A, G) in K.factors.items():

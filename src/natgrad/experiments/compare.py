@@ -52,6 +52,9 @@ class CompareConfig:
         track_curvature: record the exact Fisher's trace and top eigenvalue after each epoch.
         out: folder for ``results.json`` and plots (``None``: write nothing).
         limit_train, limit_test: use only the first N samples.
+        validation: hold out the last N training samples and evaluate on them instead of the
+            test set (for choosing hyperparameters without looking at the test set).
+        lr_schedule: ``None`` or ``"cosine"`` (:class:`~natgrad.experiments.train.TrainConfig`).
         progress: progress bars (on a terminal only).
     """
 
@@ -75,6 +78,8 @@ class CompareConfig:
     out: str | Path | None = None
     limit_train: int | None = None
     limit_test: int | None = None
+    validation: int | None = None
+    lr_schedule: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -92,7 +97,9 @@ class CompareConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("threads", "limit_train", "limit_test"):
+        if self.lr_schedule not in (None, "cosine"):
+            raise ValueError(f"lr_schedule must be None or 'cosine', got {self.lr_schedule!r}")
+        for name in ("threads", "limit_train", "limit_test", "validation"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
@@ -126,6 +133,14 @@ def load_data(cfg: CompareConfig) -> tuple[ArrayDataset, ArrayDataset]:
         train_set = train_set.subset(cfg.limit_train)
     if cfg.limit_test is not None:
         test_set = test_set.subset(cfg.limit_test)
+    if cfg.validation is not None:
+        n = len(train_set) - cfg.validation
+        if n < 1:
+            raise ValueError(f"validation={cfg.validation} leaves no training samples "
+                             f"(the training set has {len(train_set)})")
+        x, y = train_set.x, train_set.y
+        train_set, test_set = (ArrayDataset(x[:n], y[:n], train_set.info),
+                               ArrayDataset(x[n:], y[n:], train_set.info))
     return train_set, test_set
 
 
@@ -134,6 +149,19 @@ def targets(dataset: ArrayDataset, reconstruct: bool) -> TensorDataset:
     if reconstruct:
         return TensorDataset(dataset.x, dataset.x.reshape(len(dataset), -1))
     return TensorDataset(dataset.x, dataset.y)
+
+
+def preconditioned_fraction(optimizer: Any, model: nn.Module) -> float:
+    """The fraction of the model's parameters (by count) in layers natgrad preconditions for
+    ``optimizer`` (0 for a first-order optimizer)."""
+    pre = getattr(optimizer, "preconditioner", optimizer)
+    curvature = getattr(pre, "curvature", None)
+    if curvature is None or not getattr(pre, "precondition", False):
+        return 0.0
+    covered = {id(p) for h in curvature.layers.values() for p in h.params}
+    params = list(unwrap(model).parameters())
+    total = sum(p.numel() for p in params)
+    return sum(p.numel() for p in params if id(p) in covered) / max(total, 1)
 
 
 def run_record(name: str, cfg: CompareConfig, info: DatasetInfo, lr: float, loss_kind: str,
@@ -238,6 +266,7 @@ def run_compare(cfg: CompareConfig, say: Callable[[str], None] = print) -> dict[
             device=str(device),
             progress=cfg.progress and is_main(),
             desc=name,
+            lr_schedule=cfg.lr_schedule,
         )
         callbacks = []
         if cfg.track_curvature:
@@ -245,6 +274,7 @@ def run_compare(cfg: CompareConfig, say: Callable[[str], None] = print) -> dict[
             callbacks.append(tracker)
         result = train(model, optimizer, train_data, test_data, loss_kind, config, callbacks)
         record = run_record(name, cfg, info, lr, loss_kind, result, num_params)
+        record["preconditioned_fraction"] = preconditioned_fraction(optimizer, model)
         if cfg.track_curvature:
             record["curvature"] = tracker.records
         runs.append(record)

@@ -53,6 +53,9 @@ class TrainConfig:
         progress: show a progress bar (only drawn on a terminal; see :mod:`natgrad.progress`).
         eval_batch_size: samples per evaluation forward pass.
         desc: label of the progress bar.
+        lr_schedule: ``None`` (constant) or ``"cosine"``: every group's learning rate follows a
+            cosine from its initial value to 0 over all steps (``CosineAnnealingLR``, stepped
+            after every step).
     """
 
     epochs: int = 10
@@ -63,8 +66,12 @@ class TrainConfig:
     progress: bool = True
     eval_batch_size: int = 1000
     desc: str = ""
+    lr_schedule: str | None = None
 
     def __post_init__(self) -> None:
+        if self.lr_schedule not in (None, "cosine"):
+            raise ValueError(f"invalid lr_schedule={self.lr_schedule!r}: accepted values: "
+                             "None, 'cosine'")
         if self.epochs <= 0:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.batch_size <= 0:
@@ -130,19 +137,20 @@ def evaluate(
     n = x_all.shape[0]
     was_training = model.training
     model.eval()
-    total, correct = 0.0, 0
+    total, correct, counted = 0.0, 0, 0
     try:
         for start in range(0, n, batch_size):
             x = x_all[start : start + batch_size].to(device)
             y = y_all[start : start + batch_size].to(device)
             out = model(x)
             total += loss.fn(out, y).item() * x.shape[0]
-            if loss.has_accuracy:
-                correct += (out.argmax(dim=1) == y).sum().item()
+            if loss.has_accuracy:  # per sample, or per position for sequence logits
+                correct += (out.argmax(dim=-1) == y).sum().item()
+                counted += y.numel()
     finally:
         model.train(was_training)
     mean = total / max(n, 1)
-    return mean, (correct / max(n, 1) if loss.has_accuracy else None)
+    return mean, (correct / max(counted, 1) if loss.has_accuracy else None)
 
 
 def train(
@@ -182,6 +190,8 @@ def train(
     result = TrainResult()
     train_time = 0.0
     model.train()
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=config.epochs * steps_per_epoch) if config.lr_schedule else None)
     bar = progress_bar(
         total=config.epochs * steps_per_epoch,
         desc=config.desc or None,
@@ -204,6 +214,8 @@ def train(
                 optimizer.zero_grad()
                 batch_loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 value = batch_loss.item()  # synchronises on CUDA
                 result.step_times_s.append(time.perf_counter() - t0)
                 epoch_loss += value * x.shape[0]

@@ -9,6 +9,7 @@ from typing import Any
 
 from .context import Context, PartUnavailable, available_optimizers
 from .curvature import run_analysis, run_scaling, run_stability
+from .families import run_convergence, run_families
 from .training import WIDE_VARIANTS, compare, run_parity, run_timing, run_wide
 
 
@@ -26,6 +27,8 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "scaling": run_scaling,
     "stability": run_stability,
     "analysis": run_analysis,
+    "families": run_families,
+    "convergence": run_convergence,
     "discussion": run_discussion,
 }
 

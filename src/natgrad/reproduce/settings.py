@@ -10,14 +10,17 @@ from dataclasses import dataclass, field, replace
 import torch
 
 #: the parts, in the order of docs/RESULTS.md
-PARTS = ("parity", "timing", "scaling", "stability", "analysis", "discussion")
+PARTS = ("parity", "timing", "scaling", "stability", "analysis", "families", "convergence",
+         "discussion")
 PART_TITLES = {
     "parity": "1. Accuracy parity",
     "timing": "2. Time to target and step time, relative to SGD",
     "scaling": "3. Complexity: curvature cost vs layer width",
     "stability": "4. Numerical stability over damping (float32)",
     "analysis": "5. Fisher analysis of a trained CNN",
-    "discussion": "6. Discussion",
+    "families": "6. Whole networks: a ResNet with BatchNorm and a causal transformer",
+    "convergence": "7. Training to convergence with tuned learning rates",
+    "discussion": "8. Discussion",
 }
 #: optimizers of the parity and timing tables; those not registered at run time are listed as
 #: missing
@@ -42,6 +45,10 @@ class Settings:
         analysis_epochs, analysis_limit_train: the CNN trained before ``natgrad analyze``.
         analysis_samples, analysis_top_k, analysis_probes: ``natgrad analyze``.
         tracking_optimizers, tracking_samples: curvature tracked over training.
+        family_models, family_epochs: the ResNet / transformer equal-epoch tables.
+        convergence_models, convergence_epochs: training to convergence (cosine schedule).
+        grid_epochs, validation: the learning-rate grid, on the last ``validation`` training
+            samples.
     """
 
     mode: str = "full"
@@ -67,6 +74,12 @@ class Settings:
     analysis_probes: int = 4
     tracking_optimizers: tuple[str, ...] = ("sgd", "kfac")
     tracking_samples: int = 256
+    family_models: tuple[str, ...] = ("resnet8", "transformer")
+    family_epochs: int = 3
+    convergence_models: tuple[str, ...] = ("cnn", "resnet8", "transformer")
+    convergence_epochs: int = 30
+    grid_epochs: int = 5
+    validation: int = 500
 
     def with_seeds(self, seeds: tuple[int, ...] | None) -> Settings:
         return self if seeds is None else replace(self, seeds=seeds)
@@ -93,6 +106,10 @@ QUICK = Settings(
     analysis_top_k=5,
     analysis_probes=2,
     tracking_samples=128,
+    family_epochs=1,
+    convergence_models=("transformer",),
+    convergence_epochs=2,
+    grid_epochs=1,
 )
 
 #: seconds for the tests: tiny networks on a few hundred samples
@@ -101,8 +118,8 @@ TINY = Settings(
     seeds=(0,),
     epochs={"mlp": 1, "cnn": 1, "autoencoder": 1},
     hidden={"mlp": "16", "autoencoder": "16,4"},
-    limit_train={m: 256 for m in MODELS},
-    limit_test={m: 128 for m in MODELS},
+    limit_train={m: 256 for m in (*MODELS, "resnet8", "transformer")},
+    limit_test={m: 128 for m in (*MODELS, "resnet8", "transformer")},
     wide_hidden="32,32",
     wide_limit_train=256,
     wide_repeats=1,
@@ -118,6 +135,12 @@ TINY = Settings(
     analysis_top_k=2,
     analysis_probes=2,
     tracking_samples=16,
+    family_models=("transformer",),
+    family_epochs=1,
+    convergence_models=("transformer",),
+    convergence_epochs=1,
+    grid_epochs=1,
+    validation=64,
 )
 
 MODES = {"full": FULL, "quick": QUICK, "tiny": TINY}
@@ -129,8 +152,12 @@ MODES = {"full": FULL, "quick": QUICK, "tiny": TINY}
 #: (torch 2.13, float32); an optimizer not listed counts as its model's "kfac" cost.
 EPOCH_COST_S = {
     "mlp": {"sgd": 0.07, "adam": 0.09, "kfac": 0.5, "rkfac": 0.6, "pkfac": 0.5},
-    "cnn": {"sgd": 1.8, "adam": 1.7, "kfac": 17.0, "rkfac": 16.0, "pkfac": 7.0},
+    "cnn": {"sgd": 1.8, "adam": 1.7, "adamw": 1.8, "kfac": 17.0, "rkfac": 16.0, "pkfac": 7.0,
+            "pkfac+adamw": 7.0},
     "autoencoder": {"sgd": 0.5, "adam": 0.75, "kfac": 16.0, "rkfac": 5.5, "pkfac": 2.5},
+    # measured with 2 threads (natgrad compare, 2 epochs)
+    "resnet8": {"sgd": 4.5, "adamw": 4.7, "kfac": 20.0, "pkfac": 7.7, "pkfac+adamw": 7.1},
+    "transformer": {"sgd": 1.0, "adamw": 0.9, "kfac": 2.6, "pkfac": 1.1, "pkfac+adamw": 1.2},
 }
 CALIBRATION_REF_S = (0.065, 0.006)  # matmul_s, eigh_s
 #: rough fixed costs on the reference machine (seconds): bench scaling up to width 4096 with 5
@@ -194,6 +221,21 @@ def estimate(settings: Settings, parts: tuple[str, ...] | list[str],
         fixed = FIXED_COST_S["analysis_full"] * (s.analysis_samples / 1000) * (
             s.analysis_top_k + 2 * s.analysis_probes) / 18
         est["analysis"] = train + track + fixed
+    if "families" in parts:
+        from .families import FAMILY_OPTIMIZERS
+
+        est["families"] = sum(_epochs_cost(m, FAMILY_OPTIMIZERS, s.family_epochs + 0.3,
+                                           s.limit_train.get(m))
+                              for m in s.family_models) * len(s.seeds)
+    if "convergence" in parts:
+        from .families import CONVERGENCE_OPTIMIZERS, LR_GRID
+
+        est["convergence"] = sum(
+            _epochs_cost(m, CONVERGENCE_OPTIMIZERS, s.convergence_epochs + 1,
+                         s.limit_train.get(m)) * len(s.seeds)
+            + sum(_epochs_cost(m, (o,), s.grid_epochs + 0.3, s.limit_train.get(m))
+                  * len(LR_GRID[o]) for o in CONVERGENCE_OPTIMIZERS)
+            for m in s.convergence_models)
     if "discussion" in parts:
         est["discussion"] = 0.0
     return {k: v * speed for k, v in est.items()}
