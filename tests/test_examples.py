@@ -19,7 +19,8 @@ from natgrad.models import build_model, save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 #: every example and the tests below that run it
-COVERED = {"train_kfac.py", "analyse_checkpoint.py", "distributed_train.py"}
+COVERED = {"train_kfac.py", "precondition_adamw.py", "analyse_checkpoint.py",
+           "distributed_train.py"}
 
 
 def run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -53,6 +54,16 @@ def test_train_kfac():
 def test_train_kfac_rejects_bad_input():
     done = run("examples/train_kfac.py", "--rank", "0")
     assert done.returncode == 2 and "--rank must be positive, got 0" in done.stderr
+
+
+def test_precondition_adamw():
+    done = run("examples/precondition_adamw.py", "--smoke")
+    assert done.returncode == 0, done.stderr
+    summary = [line for line in done.stdout.splitlines() if line.startswith("  ")]
+    assert len(summary) == 20 and all(line.startswith("  preconditioned") for line in summary)
+    assert "[embedding]" in done.stdout and "[norm]" in done.stdout
+    # 16 steps; an untrained model scores about 0.13-0.17 on this task
+    assert number(r"final test token accuracy: ([\d.]+)", done.stdout) > 0.25
 
 
 def analysis_numbers(out: str) -> tuple[float, float, float, float]:

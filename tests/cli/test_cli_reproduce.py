@@ -152,3 +152,32 @@ def test_tiny_parity_end_to_end(tmp_path, capsys):
 def test_render_without_a_previous_run_is_a_usage_error(tmp_path, capsys):
     assert main(["reproduce", "--render", "--out", str(tmp_path)]) == 2
     assert "run natgrad reproduce first" in capsys.readouterr().err
+
+
+def test_tiny_families_and_convergence_end_to_end(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["reproduce", "--tiny", "--only", "families,convergence", "--out",
+                   str(tmp_path / "docs"), "--threads", "1", "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    out = tmp_path / "docs"
+    fam = json.loads((out / "results" / "families.json").read_text())
+    runs = fam["models"]["transformer"]["seed_runs"][0]["runs"]
+    assert [r["optimizer"] for r in runs] == ["sgd", "adamw", "kfac", "pkfac", "pkfac+adamw"]
+    frac = fam["models"]["transformer"]["preconditioned"]
+    assert frac["sgd"] == 0.0 and frac["adamw"] == 0.0
+    assert 0.5 < frac["kfac"] <= 1.0 and frac["pkfac+adamw"] == frac["pkfac"]
+    conv = json.loads((out / "results" / "convergence.json").read_text())
+    entry = conv["models"]["transformer"]
+    grid = entry["grid_validation_accuracy"]
+    assert set(grid) == {"sgd", "adamw", "kfac", "pkfac"}
+    for opt, scores in grid.items():  # the chosen lr is the grid's best on the validation split
+        assert entry["chosen_lr"][opt] == float(max(scores, key=scores.get))
+    chosen = {r["optimizer"]: r["lr"] for r in entry["seed_runs"][0]["runs"]}
+    assert chosen == entry["chosen_lr"]
+    md = (out / "RESULTS.md").read_text()
+    assert "Share of the parameters that take the natural-gradient step" in md
+    assert "**transformer** on majority:" in md and "| optimizer | lr | test acc. % |" in md
+    assert f"{PART_TITLES['parity']}\n\nskipped" in md

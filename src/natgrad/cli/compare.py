@@ -39,8 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="widths: MLP hidden layers (default 256,128); autoencoder encoder (1000,500,250,30)",
     )
     p.add_argument(
-        "--data", default="mnist5k", metavar="NAME",
-        help=f"data set: {', '.join(DATASETS)} (default mnist5k, embedded)",
+        "--data", metavar="NAME",
+        help=f"data set: {', '.join(DATASETS)} (default mnist5k, embedded; majority, "
+        "generated, for the transformer)",
     )
     p.add_argument("--data-dir", metavar="DIR", help="directory with the data files")
     p.add_argument(
@@ -94,6 +95,8 @@ def validate(args: argparse.Namespace):  # -> CompareConfig
     names = parse_names(args.optimizers, OPTIMIZERS, "optimizer")
     lrs = parse_lrs(args.lr, names)
     hidden = parse_widths(args.hidden) if args.hidden is not None else None
+    if args.data is None:
+        args.data = "majority" if MODELS[args.model].needs_tokens else "mnist5k"
     try:
         cfg = CompareConfig(
             model=args.model, hidden=hidden, data=args.data, data_dir=args.data_dir,

@@ -154,7 +154,9 @@ def targets(dataset: ArrayDataset, reconstruct: bool) -> TensorDataset:
 def preconditioned_fraction(optimizer: Any, model: nn.Module) -> float:
     """The fraction of the model's parameters (by count) in layers natgrad preconditions for
     ``optimizer`` (0 for a first-order optimizer)."""
-    pre = getattr(optimizer, "preconditioner", optimizer)
+    pre = getattr(optimizer, "preconditioner", None)  # a PreconditionedOptimizer's KFAC
+    if pre is None or isinstance(pre, bool):  # natgrad.KFAC has a bool ``preconditioner`` flag
+        pre = optimizer
     curvature = getattr(pre, "curvature", None)
     if curvature is None or not getattr(pre, "precondition", False):
         return 0.0

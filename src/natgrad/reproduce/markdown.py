@@ -11,6 +11,8 @@ from typing import Any
 from .format import DASH, figure, md_table, mean_std, num, pm, ratio
 from .sections import (
     analysis_md,
+    convergence_md,
+    families_md,
     parity_md,
     scaling_md,
     stability_md,
@@ -19,7 +21,8 @@ from .sections import (
     timing_rows,
 )
 
-__all__ = ["DASH", "analysis_md", "figure", "md_table", "mean_std", "num", "parity_md", "pm",
+__all__ = ["DASH", "analysis_md", "convergence_md", "families_md", "figure", "md_table",
+           "mean_std", "num", "parity_md", "pm",
            "ratio", "results_md", "scaling_md", "stability_md", "timing_md", "timing_ratios",
            "timing_rows"]
 
@@ -29,6 +32,8 @@ RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "scaling": scaling_md,
     "stability": stability_md,
     "analysis": analysis_md,
+    "families": families_md,
+    "convergence": convergence_md,
     "discussion": lambda doc: doc["text"].strip(),
 }
 

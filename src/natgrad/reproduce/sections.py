@@ -288,3 +288,71 @@ def analysis_md(doc: Mapping[str, Any]) -> str:
         if track.get("figure"):
             parts.append(figure(track["figure"], "Fisher trace and top eigenvalue per epoch"))
     return "\n\n".join(parts)
+
+
+# ---- 6. model families -------------------------------------------------------------------------
+
+
+def families_md(doc: Mapping[str, Any]) -> str:
+    """The ResNet and transformer tables: accuracy as in the parity part, the fraction of
+    parameters each optimizer preconditions, and step / wall time as ratios to SGD."""
+    data = ", ".join(f"{model} on {m['data']}" for model, m in doc["models"].items())
+    parts = [f"Whole networks: {data}. " + parity_md(doc)]
+    opts = doc["optimizers"]
+    rows = []
+    for model, m in doc["models"].items():
+        frac = m.get("preconditioned", {})
+        rows.append([f"{model} ({m.get('num_params', 0):,} params)",
+                     *(DASH if frac.get(o) is None else f"{100 * frac[o]:.1f} %" for o in opts)])
+    parts.append("Share of the parameters that take the natural-gradient step (the others, "
+                 "e.g. attention's fused layers if any, take the plain step of the optimizer):")
+    parts.append(md_table(["model", *opts], rows))
+    for model, m in doc["models"].items():
+        parts.append(f"**{model}**, step and wall time (ratios to SGD of the same run):")
+        parts.append(md_table(["optimizer", "step ms", "step / SGD", "wall / SGD"],
+                              timing_rows(m["seed_runs"], reconstruct=True)))
+    return "\n\n".join(parts)
+
+
+# ---- 7. convergence ----------------------------------------------------------------------------
+
+
+def _grid_cell(lr: str, accuracy: float, chosen: bool) -> str:
+    text = f"{lr}: " + ("*diverged*" if accuracy < 0 else num(100 * accuracy))
+    return f"**{text}**" if chosen else text
+
+
+def convergence_md(doc: Mapping[str, Any]) -> str:
+    """Per model: each optimizer's validation-chosen learning rate, then the long runs' final
+    test accuracy / loss and wall time (mean ± std over seeds); the learning-rate grid."""
+    parts = [
+        f"Each optimizer's learning rate is picked from a grid by the accuracy on a validation "
+        f"split of {doc['validation']} training samples after {doc['grid_epochs']} epochs "
+        f"(seed 0; the test set is not looked at); then {doc['epochs']} epochs with one "
+        f"{doc['schedule']} schedule for every optimizer, seeds "
+        f"{', '.join(map(str, doc['seeds']))}. Mean ± sample standard deviation over seeds."]
+    for model, m in doc["models"].items():
+        by_opt = _runs_by_optimizer(m["seed_runs"])
+        sgd_wall = {r["seed"]: next((x["wall_time_s"] for x in r["runs"]
+                                     if x["optimizer"] == "sgd"), None) for r in m["seed_runs"]}
+        rows = []
+        for opt, runs in by_opt.items():
+            walls = [ratio(x["wall_time_s"], sgd_wall.get(s["seed"]))
+                     for s in m["seed_runs"] for x in s["runs"] if x["optimizer"] == opt]
+            diverged = sum(bool(r.get("diverged")) for r in runs)
+            rows.append([opt, num(m["chosen_lr"].get(opt)),
+                         pm([r["test_accuracy"] for r in runs], 100.0)
+                         + (f" ({diverged} diverged)" if diverged else ""),
+                         pm([r["test_loss"] for r in runs]),
+                         pm([r["wall_time_s"] for r in runs]), pm(walls, suffix="×")])
+        parts.append(f"**{model}** on {m['data']}:")
+        parts.append(md_table(["optimizer", "lr", "test acc. %", "test loss", "wall s",
+                               "wall / SGD"], rows))
+        grid = m["grid_validation_accuracy"]
+        parts.append("Validation accuracy (%) per learning rate of the grid, the chosen one in "
+                     "bold (*diverged* marks a diverged run):")
+        parts.append(md_table(["optimizer", "lr: validation acc. %"], [
+            [o, " · ".join(_grid_cell(lr, acc, float(lr) == m["chosen_lr"].get(o))
+                           for lr, acc in sorted(g.items(), key=lambda kv: float(kv[0])))]
+            for o, g in grid.items()], "ll"))
+    return "\n\n".join(parts)
