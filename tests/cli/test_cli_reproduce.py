@@ -148,6 +148,23 @@ def test_tiny_parity_end_to_end(tmp_path, capsys):
     assert "revised text" in rebuilt and "hand-written text" not in rebuilt
     assert rebuilt.replace("revised", "hand-written") == md
 
+    # --update runs one part and keeps the parity results of the earlier run, marked as such
+    try:
+        assert main(["reproduce", "--tiny", "--only", "stability,discussion", "--update",
+                     "--out", str(out), "--threads", "1", "--no-progress",
+                     "--discussion", str(discussion)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    updated = (out / "RESULTS.md").read_text()
+    assert "| mlp (1 ep., test acc. % ↑) |" in updated  # parity kept, byte for byte
+    assert "(an earlier run, kept by `--update`)" in updated
+    assert f"{PART_TITLES['stability']}\n\nskipped" not in updated
+    assert f"{PART_TITLES['scaling']}\n\nskipped" in updated  # never run: still skipped
+    index = json.loads((out / "results" / "reproduce.json").read_text())
+    assert "--only parity,discussion" in index["parts"]["parity"]["command"]
+    assert "--update" in index["parts"]["stability"]["command"]
+    assert json.loads((out / "results" / "parity.json").read_text()) == parity
+
 
 def test_render_without_a_previous_run_is_a_usage_error(tmp_path, capsys):
     assert main(["reproduce", "--render", "--out", str(tmp_path)]) == 2

@@ -38,6 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--render", action="store_true",
                    help="only rebuild OUT/RESULTS.md from the JSON of a previous run (e.g. after "
                    "editing the discussion); measures nothing")
+    p.add_argument("--update", action="store_true",
+                   help="with --only/--skip: the parts not run keep the results of the previous "
+                   "run in DIR (marked with when and how they were measured) instead of being "
+                   "reported as skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only
     p.set_defaults(func=run)
@@ -78,6 +82,8 @@ def command_line(args: argparse.Namespace) -> str:
         words.append("--quick")
     if args.tiny:
         words.append("--tiny")
+    if args.update:
+        words.append("--update")
     words += ["--out", str(args.out)]
     for flag in ("seeds", "threads", "skip", "only", "discussion"):
         value = getattr(args, flag)
@@ -90,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from ..reproduce import MODES, reproduce
 
     parts, reason = select_parts(args.only, args.skip)
+    if args.update and args.render:
+        raise UsageError("--update and --render cannot be combined (--render measures nothing)")
     if args.tiny and args.quick:
         raise UsageError("--tiny and --quick cannot be combined")
     settings = MODES["tiny" if args.tiny else "quick" if args.quick else "full"]
@@ -112,4 +120,5 @@ def run(args: argparse.Namespace) -> int:
 
         return render(out, discussion)
     return reproduce(settings, out, parts, command_line(args), skip_reason=reason,
-                     discussion=discussion, progress=not args.no_progress)
+                     discussion=discussion, progress=not args.no_progress,
+                     update=args.update)

@@ -39,14 +39,15 @@ RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
 
 
 def status_table(statuses: Mapping[str, Mapping[str, Any]], titles: Mapping[str, str]) -> str:
-    """One row per part: status, seconds, JSON file."""
+    """One row per part: status, seconds, when and in which mode it was measured, JSON file."""
     rows = []
     for part, st in statuses.items():
         seconds = st.get("time_s")
+        when = DASH if not st.get("measured") else f"{st['measured']} ({st.get('mode')})"
         rows.append([titles.get(part, part), st["status"],
-                     None if seconds is None else f"{seconds:.1f}",
+                     None if seconds is None else f"{seconds:.1f}", when,
                      f"[{st['json']}]({st['json']})" if st.get("json") else DASH])
-    return md_table(["part", "status", "seconds", "raw JSON"], rows, "llrl")
+    return md_table(["part", "status", "seconds", "measured", "raw JSON"], rows, "llrll")
 
 
 def header_md(meta: Mapping[str, Any]) -> str:
@@ -78,6 +79,9 @@ def results_md(meta: Mapping[str, Any], statuses: Mapping[str, Mapping[str, Any]
         if st["status"] == "skipped":
             out.append(f"skipped ({st.get('reason', '--skip/--only')})")
             continue
+        if st.get("command") and st["command"] != meta.get("command"):
+            out.append(f"*Measured {st.get('measured')} by `{st['command']}` (an earlier run, "
+                       "kept by `--update`).*")
         doc = docs.get(part)
         body = ""
         if doc is not None:

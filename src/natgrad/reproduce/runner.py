@@ -51,9 +51,13 @@ def _minutes(seconds: float) -> str:
 
 def reproduce(settings: Settings, out: str | Path, parts: Sequence[str], command: str,
               skip_reason: str = "excluded by --skip/--only", discussion: Path | None = None,
-              progress: bool = True, stream: Any = None) -> int:
+              progress: bool = True, stream: Any = None, update: bool = False) -> int:
     """Run ``parts`` (in :data:`PARTS` order) and write ``OUT/results/<part>.json``,
     ``OUT/figures/*.png`` and ``OUT/RESULTS.md``.
+
+    ``update``: the parts not run keep the results of the previous run in ``OUT`` (when its
+    ``results/reproduce.json`` lists them with their JSON), each marked with the date, mode and
+    command that measured it; otherwise they are reported as skipped.
 
     Returns 0 when every selected part succeeded, 1 when one failed or was not available.
     """
@@ -82,6 +86,9 @@ def reproduce(settings: Settings, out: str | Path, parts: Sequence[str], command
         p: {"status": "skipped", "reason": skip_reason} for p in PARTS if p not in parts}
     statuses = {p: statuses.get(p, {"status": "pending"}) for p in PARTS}
     docs: dict[str, dict[str, Any]] = {}
+    if update:
+        statuses, docs = _previous(out, [p for p in PARTS if p not in parts], statuses)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     (out / "results").mkdir(parents=True, exist_ok=True)
     log = out / "results" / "reproduce.log"
     log.write_text(f"{command}\n\n")
@@ -93,7 +100,8 @@ def reproduce(settings: Settings, out: str | Path, parts: Sequence[str], command
         for part in bar:
             bar.set_description(part)
             t0 = time.perf_counter()
-            status: dict[str, Any] = {"status": "ok"}
+            status: dict[str, Any] = {"status": "ok", "measured": date, "mode": settings.mode,
+                                      "command": command}
             try:
                 doc = RUNNERS[part](ctx)
                 docs[part] = doc
@@ -120,7 +128,7 @@ def reproduce(settings: Settings, out: str | Path, parts: Sequence[str], command
     meta = {
         "command": command,
         "mode": settings.mode,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": date,
         "machine": machine(),
         "total_time_s": total,
         "estimate_s": est,
@@ -135,6 +143,26 @@ def reproduce(settings: Settings, out: str | Path, parts: Sequence[str], command
     print(f"wrote {out / 'RESULTS.md'} in {_minutes(total)}"
           + (f"; not complete: {', '.join(failed)}" if failed else ""), file=stream)
     return 1 if failed else 0
+
+
+def _previous(out: Path, parts: Sequence[str], statuses: dict[str, dict[str, Any]]
+              ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Statuses and documents of ``parts`` from the previous run in ``out``, where it has them
+    (its status, with when and how it was measured); the others keep ``statuses``."""
+    index = out / "results" / "reproduce.json"
+    if not index.is_file():
+        return statuses, {}
+    saved = json.loads(index.read_text())
+    statuses, docs = dict(statuses), {}
+    for part in parts:
+        st = saved.get("parts", {}).get(part, {})
+        path = out / st["json"] if st.get("json") else None
+        if path is None or not path.is_file():
+            continue
+        docs[part] = json.loads(path.read_text())
+        statuses[part] = {"measured": saved.get("date"), "mode": saved.get("mode"),
+                          "command": saved.get("command"), **st}
+    return statuses, docs
 
 
 def render(out: str | Path, discussion: Path | None = None, stream: Any = None) -> int:
