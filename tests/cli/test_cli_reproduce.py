@@ -198,3 +198,36 @@ def test_tiny_families_and_convergence_end_to_end(tmp_path):
     assert "Share of the parameters that take the natural-gradient step" in md
     assert "**transformer** on majority:" in md and "| optimizer | lr | test acc. % |" in md
     assert f"{PART_TITLES['parity']}\n\nskipped" in md
+
+
+def test_peers_part_is_not_available_without_the_peers(tmp_path, monkeypatch):
+    import natgrad.bench.analysis as bench
+
+    monkeypatch.setattr(bench, "peer_versions", lambda: {"natgrad": "x", "backpack": None,
+                                                         "curvlinops": None})
+    rc = main(["reproduce", "--tiny", "--only", "peers", "--out", str(tmp_path), "--threads",
+               "1", "--no-progress"])
+    assert rc == 1
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "not available: neither BackPACK nor curvlinops is installed" in md
+    assert "requirements-peers.txt" in md
+
+
+def test_tiny_peers_part(tmp_path):
+    import natgrad.bench.analysis as bench
+
+    versions = bench.peer_versions()
+    if versions["backpack"] is None and versions["curvlinops"] is None:
+        pytest.skip("neither BackPACK nor curvlinops installed (benchmarks/requirements-peers.txt)")
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["reproduce", "--tiny", "--only", "peers", "--out", str(tmp_path),
+                   "--threads", "1", "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    doc = json.loads((tmp_path / "results" / "peers.json").read_text())
+    trace = doc["cases"]["mlp"]["quantities"]["trace"]
+    assert trace["natgrad"]["status"] == "ok" and trace["natgrad"]["error"] < 1e-6
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "natgrad / fastest peer" in md and "| mlp (" in md

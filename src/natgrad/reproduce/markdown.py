@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .format import DASH, figure, md_table, mean_std, num, pm, ratio
+from .peers import peers_md
 from .sections import (
     analysis_md,
     convergence_md,
@@ -32,6 +33,7 @@ RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "scaling": scaling_md,
     "stability": stability_md,
     "analysis": analysis_md,
+    "peers": peers_md,
     "families": families_md,
     "convergence": convergence_md,
     "discussion": lambda doc: doc["text"].strip(),

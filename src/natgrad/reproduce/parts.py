@@ -10,6 +10,7 @@ from typing import Any
 from .context import Context, PartUnavailable, available_optimizers
 from .curvature import run_analysis, run_scaling, run_stability
 from .families import run_convergence, run_families
+from .peers import run_peers
 from .training import WIDE_VARIANTS, compare, run_parity, run_timing, run_wide
 
 
@@ -27,6 +28,7 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "scaling": run_scaling,
     "stability": run_stability,
     "analysis": run_analysis,
+    "peers": run_peers,
     "families": run_families,
     "convergence": run_convergence,
     "discussion": run_discussion,

@@ -10,17 +10,18 @@ from dataclasses import dataclass, field, replace
 import torch
 
 #: the parts, in the order of docs/RESULTS.md
-PARTS = ("parity", "timing", "scaling", "stability", "analysis", "families", "convergence",
-         "discussion")
+PARTS = ("parity", "timing", "scaling", "stability", "analysis", "peers", "families",
+         "convergence", "discussion")
 PART_TITLES = {
     "parity": "1. Accuracy parity",
     "timing": "2. Time to target and step time, relative to SGD",
     "scaling": "3. Complexity: curvature cost vs layer width",
     "stability": "4. Numerical stability over damping (float32)",
     "analysis": "5. Fisher analysis of a trained CNN",
-    "families": "6. Whole networks: a ResNet with BatchNorm and a causal transformer",
-    "convergence": "7. Training to convergence with tuned learning rates",
-    "discussion": "8. Discussion",
+    "peers": "6. Fisher analysis side by side with BackPACK and curvlinops",
+    "families": "7. Whole networks: a ResNet with BatchNorm and a causal transformer",
+    "convergence": "8. Training to convergence with tuned learning rates",
+    "discussion": "9. Discussion",
 }
 #: optimizers of the parity and timing tables; those not registered at run time are listed as
 #: missing
@@ -45,6 +46,7 @@ class Settings:
         analysis_epochs, analysis_limit_train: the CNN trained before ``natgrad analyze``.
         analysis_samples, analysis_top_k, analysis_probes: ``natgrad analyze``.
         tracking_optimizers, tracking_samples: curvature tracked over training.
+        peers_samples, peers_repeats, peers_memory: the side-by-side analysis benchmark.
         family_models, family_epochs: the ResNet / transformer equal-epoch tables.
         convergence_models, convergence_epochs: training to convergence (cosine schedule).
         grid_epochs, validation: the learning-rate grid, on the last ``validation`` training
@@ -74,6 +76,9 @@ class Settings:
     analysis_probes: int = 4
     tracking_optimizers: tuple[str, ...] = ("sgd", "kfac")
     tracking_samples: int = 256
+    peers_samples: int = 1000
+    peers_repeats: int = 3
+    peers_memory: bool = True
     family_models: tuple[str, ...] = ("resnet8", "transformer")
     family_epochs: int = 3
     convergence_models: tuple[str, ...] = ("cnn", "resnet8", "transformer")
@@ -106,6 +111,8 @@ QUICK = Settings(
     analysis_top_k=5,
     analysis_probes=2,
     tracking_samples=128,
+    peers_samples=256,
+    peers_repeats=1,
     family_epochs=1,
     convergence_models=("transformer",),
     convergence_epochs=2,
@@ -135,6 +142,9 @@ TINY = Settings(
     analysis_top_k=2,
     analysis_probes=2,
     tracking_samples=16,
+    peers_samples=16,
+    peers_repeats=1,
+    peers_memory=False,
     family_models=("transformer",),
     family_epochs=1,
     convergence_models=("transformer",),
@@ -162,7 +172,7 @@ EPOCH_COST_S = {
 CALIBRATION_REF_S = (0.065, 0.006)  # matmul_s, eigh_s
 #: rough fixed costs on the reference machine (seconds): bench scaling up to width 4096 with 5
 #: repeats, natgrad analyze of the CNN on 1,000 samples (top-10, 4 probes)
-FIXED_COST_S = {"scaling": 150.0, "analysis_full": 230.0}
+FIXED_COST_S = {"scaling": 150.0, "analysis_full": 230.0, "peers": 120.0}
 
 
 def calibrate() -> tuple[float, float]:
@@ -221,6 +231,9 @@ def estimate(settings: Settings, parts: tuple[str, ...] | list[str],
         fixed = FIXED_COST_S["analysis_full"] * (s.analysis_samples / 1000) * (
             s.analysis_top_k + 2 * s.analysis_probes) / 18
         est["analysis"] = train + track + fixed
+    if "peers" in parts:
+        est["peers"] = FIXED_COST_S["peers"] * (s.peers_samples / 1000) * (
+            s.peers_repeats + 1 + 2 * s.peers_memory) / 6
     if "families" in parts:
         from .families import FAMILY_OPTIMIZERS
 
