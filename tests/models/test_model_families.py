@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import natgrad
 from natgrad.data import dataset_info, load_dataset
-from natgrad.models import build_model
+from natgrad.losses import get_loss
+from natgrad.models import MODELS, build_model, loss_kind
 from natgrad.optim import make_optimizer
 
 
@@ -48,18 +49,19 @@ def test_transformer_trains_with_every_fisher(fisher):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("name, data", [("resnet8", "mnist5k"), ("transformer", "majority"),
-                                        ("mlp", "mnist5k"), ("cnn", "mnist5k")])
-def test_pkfac_in_front_of_adamw_trains_every_family(name, data):
+@pytest.mark.parametrize("name", list(MODELS))
+def test_pkfac_in_front_of_adamw_trains_every_model_of_the_registry(name):
     torch.manual_seed(0)
+    data = "majority" if MODELS[name].needs_tokens else "mnist5k"
     train, _ = load_dataset(data)
-    model = build_model(name, train.info)
-    opt = make_optimizer("pkfac+adamw", model, lr=3e-3, loss_kind="cross_entropy")
+    model = build_model(name, train.info, hidden=(16, 4) if name == "autoencoder" else None)
+    kind = loss_kind(name)
+    opt = make_optimizer("pkfac+adamw", model, lr=3e-3, loss_kind=kind)
     x, y = train.x[:32], train.y[:32]
+    target = x.reshape(len(x), -1) if MODELS[name].reconstruct else y
     losses = []
     for _ in range(12):
-        out = model(x)
-        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        loss = get_loss(kind).fn(model(x), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
