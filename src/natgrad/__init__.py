@@ -1,6 +1,40 @@
-"""natgrad: matrix-free Fisher analysis and natural-gradient optimizers for PyTorch."""
+"""natgrad: matrix-free Fisher analysis and natural-gradient optimizers for PyTorch.
+
+``import natgrad`` is light: :class:`KFAC` and the sub-packages (``natgrad.fisher``,
+``natgrad.models``, …) are imported on first access (PEP 562), so the ``natgrad`` command can
+answer ``--help`` and ``--version`` without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .optim.kfac import KFAC
+
+if TYPE_CHECKING:  # pragma: no cover - imported lazily by __getattr__
+    from .optim.kfac import KFAC
 
 __all__ = ["KFAC", "__version__"]
+
+#: the public sub-packages and modules, reachable as attributes of ``natgrad``
+SUBMODULES = (
+    "bench", "blocks", "cli", "curvature", "data", "distributed", "experiments", "factors",
+    "fisher", "layers", "likelihoods", "losses", "models", "norms", "optim", "progress",
+    "report", "reproduce",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """``natgrad.KFAC`` and ``natgrad.<sub-package>``, imported on first access."""
+    if name == "KFAC":
+        from .optim.kfac import KFAC
+
+        return KFAC
+    if name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *SUBMODULES})

@@ -11,17 +11,17 @@ import argparse
 
 from ..data import DATASETS, DataError
 from ..models import MODELS
-from .common import UsageError, check_output_dir, config_error
+from .common import UsageError, check_output_dir, config_error, describe
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``analyze`` on the top-level parser."""
     p = subparsers.add_parser("analyze", help="matrix-free Fisher analysis of a model",
-                              description=__doc__.splitlines()[0])
+                              description=describe(__doc__))
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", choices=list(MODELS), help="fresh model (default cnn)")
     src.add_argument("--checkpoint", metavar="PATH",
-                     help="a model saved by `natgrad compare --save-model`")
+                     help="a model saved by natgrad compare --save-model")
     p.add_argument("--data", default=None, metavar="NAME",
                    help=f"data set: {', '.join(DATASETS)} (default mnist5k or the checkpoint's)")
     p.add_argument("--data-dir", metavar="DIR", help="directory with the data files")

@@ -8,7 +8,7 @@ import argparse
 import math
 from pathlib import Path
 
-from .common import UsageError, parse_names, split_list
+from .common import UsageError, describe, parse_names, split_list
 
 DEFAULT_WIDTHS = "256,512,1024,2048,4096"
 DEFAULT_RANKS = "32,64"
@@ -18,7 +18,7 @@ DEFAULT_DAMPINGS = "1e-1,1e-2,1e-3,1e-4,1e-5,1e-6"
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``bench`` (with ``scaling`` and ``stability``) on the top-level parser."""
     p = subparsers.add_parser("bench", help="benchmarks: factor cost scaling, damping stability",
-                              description=__doc__.splitlines()[0])
+                              description=describe(__doc__))
     sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
 
     s = sub.add_parser("scaling", help="update / preconditioning time and memory vs layer width",

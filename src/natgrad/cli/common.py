@@ -1,4 +1,8 @@
-"""Helpers shared by the sub-commands: one-line usage errors and argument parsers."""
+"""Helpers shared by the sub-commands: one-line usage errors, plain-text help, argument parsers.
+
+Nothing here (nor in the sub-command modules, at import time) imports torch or numpy: building the
+parser for ``--help`` and ``--version`` stays fast. The commands import the library when they run.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,34 @@ class UsageError(Exception):
     """Bad command-line input; :func:`natgrad.cli.main.main` prints it as one line, exit code 2."""
 
 
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`(~?)([^`<]*?)(?:\s*<[^>]*>)?`")  # :mod:`x`, :class:`~a.B`
+_LITERAL = re.compile(r"``(.+?)``")
+_INTERPRETED = re.compile(r"`([^`]+)`")
+
+
+def plain(text: str) -> str:
+    """``text`` without reStructuredText inline markup, for terminal help: ````x```` → ``x``,
+    ``:class:`~a.b.C``` → ``C`` (``:mod:`a.b``` → ``a.b``), ```x``` → ``x``."""
+    text = _ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    text = _LITERAL.sub(r"\1", text)
+    return _INTERPRETED.sub(r"\1", text)
+
+
+def describe(doc: str | None) -> str:
+    """A command's ``--help`` description: the first paragraph of its module docstring, plain."""
+    first = (doc or "").strip().split("\n\n", 1)[0]
+    return " ".join(plain(first).split())
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are a single line on stderr (no usage dump), exit 2."""
+    """An ``ArgumentParser`` whose errors are a single line on stderr (no usage dump), exit 2, and
+    whose help is plain text (docstring markup removed by :func:`plain`)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def format_help(self) -> str:
+        return plain(super().format_help())
 
 
 def split_list(text: str) -> list[str]:

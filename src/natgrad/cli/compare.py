@@ -17,6 +17,7 @@ from .common import (
     UsageError,
     check_output_dir,
     config_error,
+    describe,
     parse_lrs,
     parse_names,
     parse_widths,
@@ -31,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "compare",
         help="train a model with several optimizers and compare time and accuracy",
-        description=__doc__.splitlines()[0],
+        description=describe(__doc__),
     )
     p.add_argument("--model", default="mlp", choices=list(MODELS), help="network (default mlp)")
     p.add_argument(

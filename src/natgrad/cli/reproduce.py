@@ -11,9 +11,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-import torch
-
-from .common import UsageError, parse_names, split_list
+from .common import UsageError, describe, parse_names, split_list
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -21,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     from ..reproduce import PARTS
 
     p = subparsers.add_parser("reproduce", help="regenerate docs/RESULTS.md from scratch",
-                              description=__doc__.splitlines()[0])
+                              description=describe(__doc__))
     p.add_argument("--quick", action="store_true",
                    help="fewer seeds, epochs, widths and samples (< 10 min on 2 cores)")
     p.add_argument("--out", default="docs", metavar="DIR",
@@ -106,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if args.threads <= 0:
             raise UsageError(f"--threads must be a positive integer, got {args.threads}")
+        import torch
+
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

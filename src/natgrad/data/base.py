@@ -1,59 +1,17 @@
-"""Shared types: :class:`DatasetInfo` and the tensor-backed :class:`ArrayDataset`."""
+"""The tensor-backed :class:`ArrayDataset` and the array-to-tensor helpers of the loaders.
+
+:class:`DatasetInfo` lives in the torch-free :mod:`natgrad.data.info` and is re-exported here.
+"""
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from .info import DatasetInfo
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model needs to know about a data set.
-
-    Attributes:
-        name: registry name, e.g. ``"mnist5k"``.
-        input_shape: shape of one input, ``(C, H, W)`` for images, ``(D,)`` for vectors or
-            ``(T,)`` for token sequences.
-        num_classes: number of labels (per position for sequences).
-        vocab: the number of token values for token-sequence inputs (int64 ids, one label
-            per position); 0 for real-valued inputs.
-    """
-
-    name: str
-    input_shape: tuple[int, ...]
-    num_classes: int
-    vocab: int = 0
-
-    @property
-    def is_sequence(self) -> bool:
-        """True for token-sequence inputs ``(T,)`` of int64 ids with a label per position."""
-        return self.vocab > 0
-
-    @property
-    def is_image(self) -> bool:
-        """True for ``(C, H, W)`` inputs."""
-        return len(self.input_shape) == 3 and not self.is_sequence
-
-    @property
-    def in_features(self) -> int:
-        """Number of input values per sample (``C·H·W`` for images)."""
-        return math.prod(self.input_shape)
-
-    @property
-    def in_channels(self) -> int:
-        """Channels ``C`` of an image input (1 for a vector input)."""
-        return self.input_shape[0] if self.is_image else 1
-
-    @property
-    def image_size(self) -> int:
-        """Height ``H`` (= width) of a square image input."""
-        if not self.is_image:
-            raise ValueError(f"data set {self.name!r} has no images (input {self.input_shape})")
-        return self.input_shape[1]
+__all__ = ["ArrayDataset", "DatasetInfo", "images_to_tensor", "labels_to_tensor"]
 
 
 class ArrayDataset(TensorDataset):

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ArrayDataset, DatasetInfo, images_to_tensor, labels_to_tensor
+from .base import ArrayDataset, images_to_tensor, labels_to_tensor
 from .errors import DataError
+from .info import CIFAR10_INFO as INFO
+from .info import CIFAR_SUBDIR as SUBDIR
+from .info import CIFAR_TEST_BATCHES as TEST_BATCHES
+from .info import CIFAR_TRAIN_BATCHES as TRAIN_BATCHES
 
-INFO = DatasetInfo("cifar10", (3, 32, 32), 10)
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
-TEST_BATCHES = ("test_batch",)
-SUBDIR = "cifar-10-batches-py"
 
 
 def batch_dir(root: Path) -> Path:

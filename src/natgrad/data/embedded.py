@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ArrayDataset, DatasetInfo, images_to_tensor, labels_to_tensor
+from .base import ArrayDataset, images_to_tensor, labels_to_tensor
 from .errors import DataError
+from .info import MNIST5K_INFO as INFO
 
-INFO = DatasetInfo("mnist5k", (1, 28, 28), 10)
 MEAN, STD = (0.1307,), (0.3081,)
 _KEYS = ("images", "labels", "train_idx", "test_idx")
 

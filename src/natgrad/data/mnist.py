@@ -10,18 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import ArrayDataset, DatasetInfo, images_to_tensor, labels_to_tensor
+from .base import ArrayDataset, images_to_tensor, labels_to_tensor
 from .errors import DataError
 from .idx import read_idx
+from .info import IDX_FILES as FILES
+from .info import DatasetInfo
 
-FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-MNIST_INFO = DatasetInfo("mnist", (1, 28, 28), 10)
-FASHION_INFO = DatasetInfo("fashion-mnist", (1, 28, 28), 10)
 MNIST_STATS = ((0.1307,), (0.3081,))
 FASHION_STATS = ((0.2860,), (0.3530,))
 # torchvision's sub-directories, searched after the root itself.

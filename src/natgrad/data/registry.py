@@ -1,19 +1,30 @@
 """The table of data sets: name → how to load it and what a model needs to know about it.
 
-Adding a data set is one :data:`DATASETS` entry.
+Adding a data set is one :data:`DATASETS` entry. The table imports neither torch nor numpy (the
+command line's help lists it): each loader module is imported when its data set is loaded.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from . import cifar, embedded, mnist, sequences, teacher
-from .base import ArrayDataset, DatasetInfo
+from . import info as _info
 from .errors import DataError
+from .info import DatasetInfo
 
-Loader = Callable[[Path | None, bool], tuple[ArrayDataset, ArrayDataset]]
+if TYPE_CHECKING:  # pragma: no cover - loaders are imported on first use
+    from .base import ArrayDataset
+
+Loader = Callable[[Path | None, bool], "tuple[ArrayDataset, ArrayDataset]"]
+
+
+def _load(module: str, function: str, *args: Any, **kwargs: Any) -> Any:
+    """Call ``natgrad.data.<module>.<function>``, importing the module (and torch) only now."""
+    return getattr(importlib.import_module(f"{__package__}.{module}"), function)(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -41,44 +52,45 @@ class DatasetSpec:
         return bool(self.files)
 
 
-_IDX_FILES = tuple(f"{n}[.gz]" for n in mnist.FILES.values())
-_CIFAR_FILES = tuple(f"{cifar.SUBDIR}/{n}" for n in cifar.TRAIN_BATCHES + cifar.TEST_BATCHES)
+_IDX_FILES = tuple(f"{n}[.gz]" for n in _info.IDX_FILES.values())
+_CIFAR_FILES = tuple(f"{_info.CIFAR_SUBDIR}/{n}"
+                     for n in _info.CIFAR_TRAIN_BATCHES + _info.CIFAR_TEST_BATCHES)
 
 DATASETS: dict[str, DatasetSpec] = {
     "mnist5k": DatasetSpec(
-        lambda root, norm: embedded.load_mnist5k(normalize=norm),
-        embedded.INFO,
+        lambda root, norm: _load("embedded", "load_mnist5k", normalize=norm),
+        _info.MNIST5K_INFO,
         description="embedded 5,000-digit MNIST sample (4,000 train / 1,000 test)",
     ),
     "mnist": DatasetSpec(
-        lambda root, norm: mnist.load_idx_dataset(root, mnist.MNIST_INFO, norm),
-        mnist.MNIST_INFO,
+        lambda root, norm: _load("mnist", "load_idx_dataset", root, _info.MNIST_INFO, norm),
+        _info.MNIST_INFO,
         files=_IDX_FILES,
         torchvision_name="MNIST",
         description="MNIST from IDX files (60,000 / 10,000)",
     ),
     "fashion-mnist": DatasetSpec(
-        lambda root, norm: mnist.load_idx_dataset(root, mnist.FASHION_INFO, norm),
-        mnist.FASHION_INFO,
+        lambda root, norm: _load("mnist", "load_idx_dataset", root, _info.FASHION_INFO, norm),
+        _info.FASHION_INFO,
         files=_IDX_FILES,
         torchvision_name="FashionMNIST",
         description="Fashion-MNIST from IDX files (60,000 / 10,000)",
     ),
     "cifar10": DatasetSpec(
-        lambda root, norm: cifar.load_cifar10(root, norm),
-        cifar.INFO,
+        lambda root, norm: _load("cifar", "load_cifar10", root, norm),
+        _info.CIFAR10_INFO,
         files=_CIFAR_FILES,
         torchvision_name="CIFAR10",
         description="CIFAR-10 from the python pickle batches (50,000 / 10,000)",
     ),
     "teacher": DatasetSpec(
-        lambda root, norm: teacher.load_teacher(),
-        DatasetInfo("teacher", (teacher.DIM,), teacher.NUM_CLASSES),
+        lambda root, norm: _load("teacher", "load_teacher"),
+        _info.TEACHER_INFO,
         description="synthetic teacher-student classification (20-d Gaussian inputs, 4 classes)",
     ),
     "majority": DatasetSpec(
-        lambda root, norm: sequences.load_majority(),
-        sequences.INFO,
+        lambda root, norm: _load("sequences", "load_majority"),
+        _info.MAJORITY_INFO,
         description="generated token sequences, target: the running majority (4,000 / 1,000)",
     ),
 }

@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import ArrayDataset, DatasetInfo
+from .base import ArrayDataset
+from .info import MAJORITY_INFO as INFO
+from .info import DatasetInfo
 
-VOCAB, LENGTH = 8, 16
-INFO = DatasetInfo("majority", (LENGTH,), VOCAB, vocab=VOCAB)
+VOCAB, (LENGTH,) = INFO.vocab, INFO.input_shape
 
 
 def running_majority(x: torch.Tensor, vocab: int) -> torch.Tensor:

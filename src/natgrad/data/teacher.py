@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import ArrayDataset, DatasetInfo
+from .base import ArrayDataset
+from .info import TEACHER_INFO, DatasetInfo
 
-DIM, NUM_CLASSES = 20, 4
+(DIM,), NUM_CLASSES = TEACHER_INFO.input_shape, TEACHER_INFO.num_classes
 
 
 def load_teacher(

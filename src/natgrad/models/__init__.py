@@ -5,9 +5,16 @@
 >>> model = build_model("mlp", dataset_info("mnist5k"))
 >>> loss_kind("autoencoder")
 'bce'
+
+The table (:data:`MODELS`) and its functions import no torch until a model is built; the network
+classes are imported on first access.
 """
 
-from .nets import MLP, DeepAutoencoder, SmallCNN
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .registry import (
     MODELS,
     ModelSpec,
@@ -17,8 +24,15 @@ from .registry import (
     loss_kind,
     save_checkpoint,
 )
-from .resnet import ResNet8
-from .transformer import CausalTransformer
+
+if TYPE_CHECKING:  # pragma: no cover - imported lazily by __getattr__
+    from .nets import MLP, DeepAutoencoder, SmallCNN
+    from .resnet import ResNet8
+    from .transformer import CausalTransformer
+
+#: network class → the module defining it
+_NETWORKS = {"MLP": "nets", "DeepAutoencoder": "nets", "SmallCNN": "nets", "ResNet8": "resnet",
+             "CausalTransformer": "transformer"}
 
 __all__ = [
     "MLP",
@@ -34,3 +48,9 @@ __all__ = [
     "loss_kind",
     "save_checkpoint",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NETWORKS:
+        return getattr(importlib.import_module(f"{__name__}.{_NETWORKS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

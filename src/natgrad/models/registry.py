@@ -1,7 +1,8 @@
 """The table of models: name → builder, loss kind and default widths. Adding a model is one entry.
 
 Checkpoints written by :func:`save_checkpoint` hold the registry name, widths and data-set info
-next to the ``state_dict``, so :func:`load_checkpoint` can rebuild the network.
+next to the ``state_dict``, so :func:`load_checkpoint` can rebuild the network. The table imports
+no torch (the command line's help lists it): the networks are imported when one is built.
 """
 
 from __future__ import annotations
@@ -9,17 +10,44 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from ..data.info import DatasetInfo
 
-from ..data.base import DatasetInfo
-from .nets import MLP, DeepAutoencoder, SmallCNN
-from .resnet import ResNet8
-from .transformer import CausalTransformer
+if TYPE_CHECKING:  # pragma: no cover - torch and the networks are imported on first use
+    from torch import nn
 
-Builder = Callable[[DatasetInfo, tuple[int, ...]], nn.Module]
+Builder = Callable[[DatasetInfo, tuple[int, ...]], "nn.Module"]
+
+
+def _mlp(info: DatasetInfo, hidden: tuple[int, ...]) -> nn.Module:
+    from .nets import MLP
+
+    return MLP(info.in_features, hidden, info.num_classes)
+
+
+def _cnn(info: DatasetInfo, hidden: tuple[int, ...]) -> nn.Module:
+    from .nets import SmallCNN
+
+    return SmallCNN(info.in_channels, info.num_classes, info.image_size)
+
+
+def _autoencoder(info: DatasetInfo, hidden: tuple[int, ...]) -> nn.Module:
+    from .nets import DeepAutoencoder
+
+    return DeepAutoencoder(info.in_features, hidden)
+
+
+def _resnet8(info: DatasetInfo, hidden: tuple[int, ...]) -> nn.Module:
+    from .resnet import ResNet8
+
+    return ResNet8(info.in_channels, info.num_classes)
+
+
+def _transformer(info: DatasetInfo, hidden: tuple[int, ...]) -> nn.Module:
+    from .transformer import CausalTransformer
+
+    return CausalTransformer(info.vocab, info.num_classes, info.input_shape[0])
 
 
 @dataclass(frozen=True)
@@ -50,29 +78,29 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(
-        lambda info, h: MLP(info.in_features, h, info.num_classes),
+        _mlp,
         "cross_entropy",
         default_hidden=(256, 128),
     ),
     "cnn": ModelSpec(
-        lambda info, h: SmallCNN(info.in_channels, info.num_classes, info.image_size),
+        _cnn,
         "cross_entropy",
         needs_images=True,
     ),
     "autoencoder": ModelSpec(
-        lambda info, h: DeepAutoencoder(info.in_features, h),
+        _autoencoder,
         "bce",
         default_hidden=(1000, 500, 250, 30),
         reconstruct=True,
         needs_images=True,
     ),
     "resnet8": ModelSpec(
-        lambda info, h: ResNet8(info.in_channels, info.num_classes),
+        _resnet8,
         "cross_entropy",
         needs_images=True,
     ),
     "transformer": ModelSpec(
-        lambda info, h: CausalTransformer(info.vocab, info.num_classes, info.input_shape[0]),
+        _transformer,
         "cross_entropy",
         needs_tokens=True,
     ),
@@ -132,6 +160,8 @@ def save_checkpoint(
     **extra: Any,
 ) -> Path:
     """Save ``{"model", "hidden", "dataset", "input_shape", "num_classes", "state_dict", …}``."""
+    import torch
+
     spec = get_model_spec(name)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +181,8 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model saved by :func:`save_checkpoint`; returns ``(model, checkpoint dict)``."""
+    import torch
+
     ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
     info = DatasetInfo(ckpt["dataset"], tuple(ckpt["input_shape"]), ckpt["num_classes"],
                        ckpt.get("vocab", 0))

@@ -7,8 +7,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
-import torch
-
 #: the parts, in the order of docs/RESULTS.md
 PARTS = ("parity", "timing", "scaling", "stability", "analysis", "peers", "families",
          "convergence", "discussion")
@@ -181,6 +179,8 @@ def calibrate() -> tuple[float, float]:
 
     The matmuls scale the estimate; the eigh detects the slowdown of multi-threaded LAPACK on a
     loaded machine (threads waiting for a busy core), which can be 100× and is warned about."""
+    import torch  # here, so that the table of parts and modes loads without torch (CLI help)
+
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(1024, 1024, generator=gen)
     b = torch.randn(256, 256, generator=gen)
