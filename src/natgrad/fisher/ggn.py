@@ -28,18 +28,24 @@ vectorised with ``vmap`` (never one per parameter).
 floating tensors are cast to the operator's dtype, integer and bool ones (token ids, masks) keep
 theirs, and chunks slice every tensor alike along dim 0. When the forward returns a structure,
 ``output_key`` says where the logits are (as for :class:`natgrad.KFAC`: default the ``"logits"``
-entry or attribute; a key, attribute name or tuple index otherwise). The output may have any shape
-``(m, ..., C)``; it is flattened per sample to ``(m, C_f)`` for the products. For
-``cross_entropy`` with more than one dim per sample (sequence logits ``(B, T, V)``) the last dim
-is the class and every other one a position, and the convention is the optimizer's (DESIGN §2,
-"Sequence outputs"): a sample's negative log-likelihood is the **sum over its positions** and the
-operators average over samples (sequences), ``F = (1/N) Σ_n Σ_t J_ntᵀ H_nt J_nt``; the output
-factor comes from :func:`natgrad.curvature.rows.output_directions`, the same directions the
-optimizer's captures pull back: the exact ``B_n`` is block diagonal (``R = T · V`` rows, each on
-one position), the Monte-Carlo one draws one label per position (``R = mc_samples``) and the
-empirical ``r_n`` is the gradient of the sequence's summed NLL (``R = 1``). Targets ``y`` of
-shape ``(B, T)`` hold the class ids per position. ``mse`` and ``bce`` are elementwise: any output
-shape already reads as positions.
+entry or attribute; a key, attribute name or tuple index otherwise). The output may have any
+shape ``(m, ..., C)``; it is flattened per sample to ``(m, C_f)`` for the products.
+
+For ``cross_entropy`` with more than one dim per sample (sequence logits ``(B, T, V)``) the last
+dim is the class and every other one a position, with the optimizer's convention (docs/DESIGN.md,
+"Sequence outputs and structured batches in the operators"): a sample's negative log-likelihood
+is the **sum over its positions** and the operators average over samples (sequences),
+``F = (1/N) Σ_n Σ_t J_ntᵀ H_nt J_nt``. The output factor comes from
+:func:`natgrad.curvature.rows.output_directions`, the directions the optimizer's captures pull
+back: the exact ``B_n`` is block diagonal (``R = T · V`` rows, each on one position), the
+Monte-Carlo one draws one label per position (``R = mc_samples``), the empirical ``r_n`` is the
+gradient of the sequence's summed NLL (``R = 1``). Products apply the exact factor per position;
+the pull-back paths (:meth:`GGNOperator.diagonal`, layer traces,
+:class:`~natgrad.fisher.rows.RowFisher`) hold its ``T · V`` rows, ``m · (T·V)²`` numbers per
+chunk: lower ``chunk_size``, or use :class:`MCFisher`, for large vocabularies. Targets ``y`` of
+shape ``(B, T)`` hold the class ids per position; every position counts (there is no
+``ignore_index`` mask). ``mse`` and ``bce`` are elementwise: any output shape already reads as
+positions.
 """
 
 from __future__ import annotations
@@ -65,13 +71,25 @@ from .pullback import ChunkPullback, layer_pullbacks
 
 class _Chunk(NamedTuple):
     """One chunk's forward pass, ready for products: ``J v`` by ``jvp_fn``, ``Jᵀ u`` by
-    ``vjp_fn``; ``B`` the output factor ``(m, R, C)``."""
+    ``vjp_fn``; ``B`` the output factor as :meth:`GGNOperator.product_factor` gives it."""
 
     x: Any
     B: Tensor
     vjp_fn: Callable[[Tensor], tuple[dict[str, Tensor]]]
     jvp_fn: Callable[[dict[str, Tensor]], Tensor]
     nbytes: int
+
+
+def _apply_factor(B: Tensor, JV: Tensor) -> Tensor:
+    """``Bᵀ B`` applied to columns ``JV (k, m, C)`` per sample: ``B (m, R, C)``, or per-position
+    blocks ``(m, T, R, V)`` of a block-diagonal factor (``C = T · V``)."""
+    if B.ndim == 3:
+        BJV = torch.einsum("mrd,kmd->kmr", B, JV)
+        return torch.einsum("mrc,kmr->kmc", B, BJV)
+    k, m = JV.shape[:2]
+    J4 = JV.reshape(k, m, B.shape[1], B.shape[3])
+    BJV = torch.einsum("mtrv,kmtv->kmtr", B, J4)
+    return torch.einsum("mtrv,kmtr->kmtv", B, BJV).reshape(k, m, -1)
 
 
 class GGNOperator(LinearOperator):
@@ -197,6 +215,12 @@ class GGNOperator(LinearOperator):
                                  samples=getattr(self, "mc_samples", 1))
         return dirs.flatten(2).transpose(0, 1).contiguous()  # (R, m, T·V) -> (m, R, T·V)
 
+    def product_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
+        """``B_n`` in the form the products use: :meth:`output_factor`, or (the exact Fisher of
+        positions) the per-position blocks ``(m, T, R, V)`` of its block-diagonal factor, which
+        the products apply without forming the ``(m, T·V, T·V)`` matrix."""
+        return self.output_factor(out, y, chunk)
+
     def flat_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
         """:meth:`output_factor` for outputs with one event per sample (``(m, C)``, or an
         elementwise likelihood)."""
@@ -234,7 +258,7 @@ class GGNOperator(LinearOperator):
                     estimate: bool) -> _Chunk:
         x = to_model(x, self.device, self.dtype)
         out, vjp_fn = vjp(lambda p: self._f(p, x), self._params)
-        B = self.output_factor(out.detach(), y, i)
+        B = self.product_factor(out.detach(), y, i)
         jvp_fn = None
         if linear and self._linearize_ok:
             try:
@@ -291,8 +315,7 @@ class GGNOperator(LinearOperator):
                     JV = ch.jvp_fn(dict(zip(self.names, self.unflatten(cols[:, 0]))))[None]
                 else:
                     JV = vmap(ch.jvp_fn)(dict(zip(self.names, self.unflatten(cols))))
-                BJV = torch.einsum("mrd,kmd->kmr", ch.B, JV)
-                HJV = torch.einsum("mrc,kmr->kmc", ch.B, BJV)
+                HJV = _apply_factor(ch.B, JV)
                 if cols.shape[1] == 1:
                     g = ch.vjp_fn(HJV[0])[0]
                     result[:, s] += torch.cat([g[n].reshape(-1) for n in self.names])
@@ -384,6 +407,11 @@ class ExactFisher(GGNOperator):
 
     def flat_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
         return self.likelihood.hessian_sqrt(out)
+
+    def product_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
+        if self._event is None:
+            return self.output_factor(out, y, chunk)
+        return self.likelihood.event_hessian_sqrt(out.reshape(out.shape[0], -1, self._event))
 
     @property
     def rank_bound(self) -> int:
