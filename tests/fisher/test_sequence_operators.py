@@ -299,3 +299,14 @@ def test_analyze_a_dict_input_model_with_output_key():
     report = analyze(_model(DictToy), data, "cross_entropy", top_k=2, density=False, probes=2,
                      output_key="logits")
     assert report["trace"]["value"] == pytest.approx(plain["trace"]["value"], rel=1e-10)
+
+
+def test_dense_references_refuse_sequence_logits():
+    from natgrad.fisher.dense import dense_ggn, layer_fisher_block
+
+    model = _model()
+    ids, _ = _tokens()
+    with pytest.raises(ValueError, match="ExactFisher"):
+        dense_ggn(model, ids)
+    with pytest.raises(ValueError, match="ExactFisher"):
+        layer_fisher_block(model, model.head, ids)
