@@ -43,8 +43,9 @@ gradient of the sequence's summed NLL (``R = 1``). Products apply the exact fact
 the pull-back paths (:meth:`GGNOperator.diagonal`, layer traces,
 :class:`~natgrad.fisher.rows.RowFisher`) hold its ``T · V`` rows, ``m · (T·V)²`` numbers per
 chunk: lower ``chunk_size``, or use :class:`MCFisher`, for large vocabularies. Targets ``y`` of
-shape ``(B, T)`` hold the class ids per position; every position counts (there is no
-``ignore_index`` mask). ``mse`` and ``bce`` are elementwise: any output shape already reads as
+shape ``(B, T)`` hold the class ids per position; every position counts for the exact and
+Monte-Carlo Fishers (no padding mask; the empirical one gets a zero gradient at an ignored target,
+``-100``). ``mse`` and ``bce`` are elementwise: any output shape already reads as
 positions.
 """
 
