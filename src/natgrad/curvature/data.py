@@ -8,13 +8,17 @@ batched backward, and the rows are summed.
 **Data.** ``data`` is a tuple ``(X,)`` / ``(X, y)``, a ``TensorDataset``, or any iterable of
 ``(x, y)`` batches (a ``DataLoader``; it must iterate in a fixed order for the Monte-Carlo Fisher to
 be one fixed matrix). An input ``x`` may be a tensor (``model(x)``), a tuple of tensors
-(``model(*x)``) or a dict of tensors (``model(**x)``); every tensor is batch-first, and floating
-tensors are cast to the model's dtype, integer ones (token ids) are left as they are.
+(``model(*x)``; a list likewise) or a dict of tensors (``model(**x)``); the tuple's or dict's
+entries may themselves be tuples, lists or dicts of tensors, passed on as they are. Every tensor is
+batch-first with the same leading size (chunks slice all of them alike along dim 0), floating
+tensors are cast to the model's dtype, integer and bool ones (token ids, masks) are left as they
+are (:func:`to_model`, :func:`model_args`). The Fisher operators of :mod:`natgrad.fisher` read
+their data through the same functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -47,36 +51,50 @@ def check_deterministic(model: nn.Module) -> None:
         )
 
 
+def map_tensors(x: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """``x`` with ``fn`` applied to every tensor in it, recursively through tuples (named ones
+    too), lists and dicts; anything else is kept as it is."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: map_tensors(v, fn) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        items = [map_tensors(v, fn) for v in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+    return x
+
+
+def _leaves(x: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+    map_tensors(x, found.append)
+    return found
+
+
 def batch_size(x: Any) -> int:
-    """The leading size of an input (a tensor, a tuple or a dict of tensors)."""
+    """The leading size of an input: a tensor, or a (nested) tuple / list / dict of tensors, all
+    batch-first with the same leading size (``ValueError`` otherwise)."""
     if isinstance(x, Tensor):
         return int(x.shape[0])
-    values = list(x.values()) if isinstance(x, dict) else list(x)
-    for v in values:
-        if isinstance(v, Tensor):
-            return int(v.shape[0])
-    raise ValueError(f"an input batch must hold a tensor, got {type(x).__name__}")
+    sizes = {int(t.shape[0]) if t.ndim else 0 for t in _leaves(x)}
+    if not sizes:
+        raise ValueError(f"an input batch must hold a tensor, got {type(x).__name__}")
+    if len(sizes) > 1 or 0 in sizes:
+        raise ValueError(f"the tensors of an input batch ({type(x).__name__}) must all be batch-"
+                         f"first with the same leading size, got leading sizes {sorted(sizes)}")
+    return sizes.pop()
 
 
-def _slice(x: Any, s: slice) -> Any:
-    if isinstance(x, Tensor):
-        return x[s]
-    if isinstance(x, dict):
-        return {k: v[s] if isinstance(v, Tensor) else v for k, v in x.items()}
-    return type(x)(v[s] if isinstance(v, Tensor) else v for v in x)
+def slice_batch(x: Any, s: slice) -> Any:
+    """Samples ``s`` of an input: every tensor in it sliced along dim 0."""
+    return x[s] if isinstance(x, Tensor) else map_tensors(x, lambda t: t[s])
 
 
 def to_model(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """``x`` on ``device``; floating tensors in ``dtype``, integer ones (ids) unchanged."""
-    def move(t: Any) -> Any:
-        if not isinstance(t, Tensor):
-            return t
+    """``x`` on ``device``; floating tensors in ``dtype``, integer and bool ones (token ids,
+    masks) unchanged; structures as by :func:`map_tensors`."""
+    def move(t: Tensor) -> Tensor:
         return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
-    if isinstance(x, Tensor):
-        return move(x)
-    if isinstance(x, dict):
-        return {k: move(v) for k, v in x.items()}
-    return type(x)(move(v) for v in x)
+    return map_tensors(x, move)
 
 
 def model_args(x: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -107,7 +125,7 @@ def iter_chunks(data: Data, chunk_size: int) -> Iterator[tuple[Any, Tensor | Non
         x, y = _split(batch)
         n = batch_size(x)
         for s in range(0, n, chunk_size):
-            yield _slice(x, slice(s, s + chunk_size)), (y[s:s + chunk_size]
+            yield slice_batch(x, slice(s, s + chunk_size)), (y[s:s + chunk_size]
                                                         if y is not None else None)
 
 

@@ -1,5 +1,7 @@
 """Model and data plumbing shared by the operators: parameter selection here; the determinism
-check and the chunked iteration over data come from the curvature's data capture."""
+check and the chunked iteration over data come from the curvature's data capture
+(:mod:`natgrad.curvature.data`), which also defines how a structured batch is sliced, moved and
+passed to the model, so the operators and the optimizer read data alike."""
 
 from __future__ import annotations
 

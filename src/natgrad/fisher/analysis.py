@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..curvature import discover
 from ..factors import ProjectedOptions
+from ._model import Data
 from .ggn import EmpiricalFisher, ExactFisher, GGNOperator, MCFisher
 from .kfac import KFACOperator, layer_statistics, layer_traces
 from .kron import kfac_logdet, kfac_top_eigenpairs, kfac_top_eigenvalues, kfac_trace
@@ -57,7 +58,7 @@ def _dense_top(op: GGNOperator, k: int) -> tuple[Tensor, Tensor, str]:
 
 def analyze(
     model: nn.Module,
-    data: tuple[Tensor, ...],
+    data: Data,
     loss: str,
     fisher: str = "exact",
     top_k: int = 10,
@@ -74,6 +75,7 @@ def analyze(
     cache_bytes: int | None = 1 << 30,
     dense_block_max: int = 2048,
     progress: Callable[[str], None] = lambda stage: None,
+    output_key: str | int | None = None,
 ) -> dict[str, Any]:
     """Analyse the Fisher of ``model`` on ``data``; returns a JSON-ready dict (see the README).
 
@@ -81,6 +83,12 @@ def analyze(
     report key → ``(factor strategy, options)`` of the K-FAC approximations compared with the
     Fisher (default: dense K-FAC as ``"kfac"`` and projected K-FAC at ``projected_rank`` as
     ``"projected_kfac"``); any registered strategy works.
+
+    ``data`` and ``output_key`` are read as by the operators (:mod:`natgrad.fisher.ggn`): tensor,
+    tuple or dict inputs (``model(x)``, ``model(*x)``, ``model(**x)``), integer token ids kept,
+    outputs of any shape ``(m, ..., C)``; sequence logits ``(B, T, V)`` follow the optimizer's
+    convention (a sequence's NLL is the sum over its positions, means over sequences), every
+    quantity of the report included (reported as ``output_shape`` and ``positions``).
 
     Cost, in products with ``F`` (each one linearised forward and one backward per chunk, the
     chunks' forward passes cached within ``cache_bytes``): top-``k`` Lanczos (its run doubles as
@@ -101,12 +109,15 @@ def analyze(
 
     kw = {"mc_samples": 1, "seed": seed} if fisher == "mc" else {}
     op = FISHERS[fisher](model, data, loss, chunk_size=chunk_size, cache=cache,
-                         cache_bytes=cache_bytes, max_columns=1, **kw)
+                         cache_bytes=cache_bytes, max_columns=1, output_key=output_key, **kw)
     layers = discover(model, [p for p in model.parameters() if p.requires_grad]).layers
     groups = {n: op.block_indices(n) for n in layers}
     report.update(params=op.dim, samples=op.num_samples, fisher=fisher, loss=loss,
                   mean_convention="F = (1/N) sum_n J_n^T H_n J_n (mean over samples)",
-                  damping=damping)
+                  damping=damping, output_shape=list(op.output_shape))
+    if op.likelihood.categorical and len(op.output_shape) > 1:
+        report["positions"] = ("per sample: the sum over its positions (sequence logits), "
+                               "mean over samples")
     if fisher == "empirical":
         report["note"] = "empirical Fisher: data-label gradient outer products, not a Fisher"
 
@@ -168,7 +179,8 @@ def analyze(
         report["logdet"] = report["effective_dimension"] = None
 
     stage("kfac")
-    kl, stats, n = layer_statistics(model, data, loss, fisher, chunk_size, seed=seed)
+    kl, stats, n = layer_statistics(model, data, loss, fisher, chunk_size, seed=seed,
+                                    output_key=output_key)
     if approximations is None:
         approximations = {"kfac": ("eigh", None),
                           "projected_kfac": ("projected", {"rank": projected_rank})}

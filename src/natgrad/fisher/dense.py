@@ -1,4 +1,9 @@
-"""Dense references built with ``torch.func.jacrev`` (tests and tiny models only)."""
+"""Dense references built with ``torch.func.jacrev`` (tests and tiny models only).
+
+A tensor input ``X`` and flat outputs ``(N, C)`` only (``mse`` / ``bce`` outputs of any shape,
+read elementwise); ``cross_entropy`` with positions (sequence logits ``(N, T, V)``) is refused:
+``ExactFisher(model, (X, y)).to_dense()`` is the reference for those (it is checked against a
+per-position ``jacrev`` reference in ``tests/fisher/test_sequence_operators.py``)."""
 
 from __future__ import annotations
 
@@ -27,9 +32,24 @@ def output_jacobian(model: nn.Module, X: Tensor, params=None) -> tuple[Tensor, T
     return out, J
 
 
+def _check_flat(model: nn.Module, X: Tensor, loss: str) -> None:
+    """``ValueError`` for categorical outputs with positions, which the references here would
+    read as one event over all positions (see the module docstring)."""
+    if not get_likelihood(loss).categorical:
+        return
+    with torch.no_grad():
+        shape = tuple(model(X[:1]).shape)
+    if len(shape) > 2:
+        raise ValueError(f"the dense references need outputs (N, C) for loss={loss!r}, got "
+                         f"per-sample shape {shape[1:]}; use ExactFisher(model, (X, y))"
+                         ".to_dense() for sequence logits")
+
+
 def dense_ggn(model: nn.Module, X: Tensor, loss: str = "cross_entropy",
               factors: Tensor | None = None, params=None) -> Tensor:
     """``(1/N) Σ_n J_nᵀ B_nᵀ B_n J_n`` (``B_n`` default: the likelihood's Hessian square root)."""
+    if factors is None:
+        _check_flat(model, X, loss)
     out, J = output_jacobian(model, X, params)
     B = get_likelihood(loss).hessian_sqrt(out) if factors is None else factors
     BJ = torch.einsum("nrc,ncp->nrp", B, J)
@@ -52,6 +72,7 @@ def layer_fisher_block(
     helper, reason = helper_for(layer)
     if helper is None:
         raise ValueError(f"layer {type(layer).__name__} has no K-FAC helper ({reason})")
+    _check_flat(model, X, loss)
     out, J = output_jacobian(model, X, helper.params)  # (N, C, P) in named_parameters order
     N, C = J.shape[:2]
     sizes = [p.numel() for p in helper.params]

@@ -21,6 +21,32 @@ MC / empirical products never form per-sample gradients. The exact diagonal need
 passes per chunk, :mod:`natgrad.fisher.pullback`) times the layer inputs
 (:mod:`natgrad.fisher.layer_diagonal`); for any other parameter ``R`` backward passes per sample,
 vectorised with ``vmap`` (never one per parameter).
+
+**Batches and outputs.** ``data`` is read as by the optimizer's data capture
+(:mod:`natgrad.curvature.data`): an input ``x`` may be a tensor (the model is called as
+``model(x)``), a tuple or list (``model(*x)``) or a dict (``model(**x)``) of batch-first tensors;
+floating tensors are cast to the operator's dtype, integer and bool ones (token ids, masks) keep
+theirs, and chunks slice every tensor alike along dim 0. When the forward returns a structure,
+``output_key`` says where the logits are (as for :class:`natgrad.KFAC`: default the ``"logits"``
+entry or attribute; a key, attribute name or tuple index otherwise). The output may have any
+shape ``(m, ..., C)``; it is flattened per sample to ``(m, C_f)`` for the products.
+
+For ``cross_entropy`` with more than one dim per sample (sequence logits ``(B, T, V)``) the last
+dim is the class and every other one a position, with the optimizer's convention (docs/DESIGN.md,
+"Sequence outputs and structured batches in the operators"): a sample's negative log-likelihood
+is the **sum over its positions** and the operators average over samples (sequences),
+``F = (1/N) Σ_n Σ_t J_ntᵀ H_nt J_nt``. The output factor comes from
+:func:`natgrad.curvature.rows.output_directions`, the directions the optimizer's captures pull
+back: the exact ``B_n`` is block diagonal (``R = T · V`` rows, each on one position), the
+Monte-Carlo one draws one label per position (``R = mc_samples``), the empirical ``r_n`` is the
+gradient of the sequence's summed NLL (``R = 1``). Products apply the exact factor per position;
+the pull-back paths (:meth:`GGNOperator.diagonal`, layer traces,
+:class:`~natgrad.fisher.rows.RowFisher`) hold its ``T · V`` rows, ``m · (T·V)²`` numbers per
+chunk: lower ``chunk_size``, or use :class:`MCFisher`, for large vocabularies. Targets ``y`` of
+shape ``(B, T)`` hold the class ids per position; every position counts for the exact and
+Monte-Carlo Fishers (no padding mask; the empirical one gets a zero gradient at an ignored target,
+``-100``). ``mse`` and ``bce`` are elementwise: any output shape already reads as
+positions.
 """
 
 from __future__ import annotations
@@ -34,6 +60,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, linearize, vjp, vmap
 
+from ..curvature.data import batch_size, map_tensors, model_args, slice_batch, to_model
+from ..curvature.outputs import check_output_key, find_output
+from ..curvature.rows import output_directions
 from ..likelihoods import Likelihood, get_likelihood
 from ._model import Data, check_deterministic, count_samples, iter_chunks, select_params
 from .base import LinearOperator
@@ -43,13 +72,25 @@ from .pullback import ChunkPullback, layer_pullbacks
 
 class _Chunk(NamedTuple):
     """One chunk's forward pass, ready for products: ``J v`` by ``jvp_fn``, ``Jᵀ u`` by
-    ``vjp_fn``; ``B`` the output factor ``(m, R, C)``."""
+    ``vjp_fn``; ``B`` the output factor as :meth:`GGNOperator.product_factor` gives it."""
 
-    x: Tensor
+    x: Any
     B: Tensor
     vjp_fn: Callable[[Tensor], tuple[dict[str, Tensor]]]
     jvp_fn: Callable[[dict[str, Tensor]], Tensor]
     nbytes: int
+
+
+def _apply_factor(B: Tensor, JV: Tensor) -> Tensor:
+    """``Bᵀ B`` applied to columns ``JV (k, m, C)`` per sample: ``B (m, R, C)``, or per-position
+    blocks ``(m, T, R, V)`` of a block-diagonal factor (``C = T · V``)."""
+    if B.ndim == 3:
+        BJV = torch.einsum("mrd,kmd->kmr", B, JV)
+        return torch.einsum("mrc,kmr->kmc", B, BJV)
+    k, m = JV.shape[:2]
+    J4 = JV.reshape(k, m, B.shape[1], B.shape[3])
+    BJV = torch.einsum("mtrv,kmtv->kmtr", B, J4)
+    return torch.einsum("mtrv,kmtr->kmtv", B, BJV).reshape(k, m, -1)
 
 
 class GGNOperator(LinearOperator):
@@ -58,7 +99,12 @@ class GGNOperator(LinearOperator):
 
     Args:
         model: the network; its train/eval mode is used as is (refused if non-deterministic).
-        data: ``(X, y)`` tensors, a ``TensorDataset`` or a ``DataLoader`` of ``(x, y)`` batches.
+            Called as ``model(x)``, ``model(*x)`` or ``model(**x)`` for a tensor, tuple or dict
+            input ``x`` (see the module docstring).
+        data: ``(X, y)`` / ``(X,)``, a ``TensorDataset`` or a ``DataLoader`` of ``(x, y)``
+            batches; ``X`` / ``x`` a tensor, a tuple or a dict of batch-first tensors, ``y``
+            ``(m,)`` class ids, ``(m, T)`` for sequence logits ``(m, T, C)``, or float targets
+            shaped like the output.
         loss: likelihood kind, ``"cross_entropy"``, ``"mse"`` or ``"bce"``.
         params: parameters (tensors or names) the operator acts on; default all trainable ones.
             The others are held fixed.
@@ -70,6 +116,13 @@ class GGNOperator(LinearOperator):
             pass), ~2.5× faster products for memory ``O(N · activations)``.
         cache_bytes: budget for the cache (estimated from the size of the modules' outputs);
             chunks beyond it are recomputed in every product. ``None``: no limit.
+        output_key: where the logits are when the forward returns a structure (``None``: a
+            tensor as it is, else the ``"logits"`` entry / attribute; a key or attribute name
+            (str), a tuple index (int)); ``ValueError`` at construction when they are not found.
+
+    Attributes:
+        output_shape: the per-sample shape of the model's output (from the first sample), e.g.
+            ``(C,)`` or ``(T, V)``.
     """
 
     fisher: str
@@ -84,6 +137,7 @@ class GGNOperator(LinearOperator):
         max_columns: int = 1,
         cache: bool = False,
         cache_bytes: int | None = None,
+        output_key: str | int | None = None,
     ) -> None:
         check_deterministic(model)
         if chunk_size < 1 or max_columns < 1:
@@ -106,6 +160,14 @@ class GGNOperator(LinearOperator):
         chosen = set(self._params)
         self._fixed = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
         self._fixed.update(dict(model.named_buffers()))
+        self.output_key = check_output_key(output_key)
+        x0, _ = next(iter_chunks(data, 1))
+        with torch.no_grad():
+            self.output_shape = tuple(self._output(self._params, to_model(
+                x0, self.device, self.dtype)).shape[1:])
+        # the class dim of categorical outputs with positions (None: the flat path)
+        self._event = (self.output_shape[-1] if self.likelihood.categorical
+                       and len(self.output_shape) > 1 else None)
         self.cache = cache
         self.cache_bytes = cache_bytes
         self._cache: list[_Chunk] = []
@@ -113,18 +175,26 @@ class GGNOperator(LinearOperator):
         self._linearize_ok = True
 
     # ------------------------------------------------------------------ the model as a function
-    def _f(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """Outputs ``(m, C)`` (flattened per sample)."""
-        return functional_call(self.model, {**self._fixed, **params}, (x,)).flatten(1)
+    def _output(self, params: dict[str, Tensor], x: Any) -> Tensor:
+        """The logits ``(m, ...)`` as the model returns them (found by ``output_key``)."""
+        args, kwargs = model_args(x)
+        return find_output(functional_call(self.model, {**self._fixed, **params}, args, kwargs),
+                           self.output_key)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Outputs ``(m, C)`` at the operator's parameters (which carry no gradient)."""
+    def _f(self, params: dict[str, Tensor], x: Any) -> Tensor:
+        """Outputs ``(m, C)`` (flattened per sample)."""
+        return self._output(params, x).flatten(1)
+
+    def forward(self, x: Any) -> Tensor:
+        """Outputs ``(m, C)`` (flattened per sample) at the operator's parameters (which carry
+        no gradient); ``x`` as :meth:`chunks` gives it."""
         return self._f(self._params, x)
 
-    def chunks(self, chunk_size: int | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """``(x, y)`` chunks of the data (``x`` on the operator's device and dtype)."""
+    def chunks(self, chunk_size: int | None = None) -> Iterator[tuple[Any, Tensor | None]]:
+        """``(x, y)`` chunks of the data (``x`` on the operator's device, its floating tensors
+        in the operator's dtype: :func:`natgrad.curvature.data.to_model`)."""
         for x, y in iter_chunks(self.data, chunk_size or self.chunk_size):
-            yield x.to(device=self.device, dtype=self.dtype), y
+            yield to_model(x, self.device, self.dtype), y
 
     def pullbacks(self, modules: dict[str, nn.Module]) -> Iterator[ChunkPullback]:
         """Per chunk, the rows of ``B_n`` pulled back to the outputs of ``modules`` (each must
@@ -132,15 +202,41 @@ class GGNOperator(LinearOperator):
         return layer_pullbacks(self.forward, modules, self.chunks(), self.output_factor)
 
     def output_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
-        """``B_n`` for a chunk: ``(m, R, C)`` from outputs ``(m, C)``; ``chunk`` is its index."""
+        """``B_n`` for a chunk: ``(m, R, C)`` from outputs ``(m, C)`` flattened per sample;
+        ``chunk`` is its index. Categorical outputs with positions (``(m, T, V)`` before
+        flattening) get the capture's per-position directions (see the module docstring); the
+        others :meth:`flat_factor`."""
+        if self._event is None:
+            return self.flat_factor(out, y, chunk)
+        f = out.reshape(out.shape[0], -1, self._event)  # (m, T, V): every other dim a position
+        if y is not None and not y.is_floating_point() and y.numel() == f.shape[0] * f.shape[1]:
+            y = y.reshape(f.shape[:2])  # (m, T1, T2) ids as (m, T); other shapes are refused
+        gen = self._generator(chunk, out.device)
+        dirs = output_directions(self.likelihood, self.fisher, f, y, gen,
+                                 samples=getattr(self, "mc_samples", 1))
+        return dirs.flatten(2).transpose(0, 1).contiguous()  # (R, m, T·V) -> (m, R, T·V)
+
+    def product_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
+        """``B_n`` in the form the products use: :meth:`output_factor`, or (the exact Fisher of
+        positions) the per-position blocks ``(m, T, R, V)`` of its block-diagonal factor, which
+        the products apply without forming the ``(m, T·V, T·V)`` matrix."""
+        return self.output_factor(out, y, chunk)
+
+    def flat_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
+        """:meth:`output_factor` for outputs with one event per sample (``(m, C)``, or an
+        elementwise likelihood)."""
         raise NotImplementedError
+
+    def _generator(self, chunk: int, device: torch.device) -> torch.Generator | None:
+        """The generator of the labels drawn for chunk ``chunk`` (none: nothing is drawn)."""
+        return None
 
     @property
     def rank_bound(self) -> int:
         """An upper bound on ``rank F``: ``N · R``."""
         raise NotImplementedError
 
-    def _activation_bytes(self, x: Tensor) -> int:
+    def _activation_bytes(self, x: Any) -> int:
         """Bytes of all leaf-module outputs of one forward pass on ``x`` (a cache estimate)."""
         total = 0
 
@@ -159,11 +255,11 @@ class GGNOperator(LinearOperator):
                 h.remove()
         return total
 
-    def _make_chunk(self, x: Tensor, y: Tensor | None, i: int, linear: bool,
+    def _make_chunk(self, x: Any, y: Tensor | None, i: int, linear: bool,
                     estimate: bool) -> _Chunk:
-        x = x.to(device=self.device, dtype=self.dtype)
+        x = to_model(x, self.device, self.dtype)
         out, vjp_fn = vjp(lambda p: self._f(p, x), self._params)
-        B = self.output_factor(out.detach(), y, i)
+        B = self.product_factor(out.detach(), y, i)
         jvp_fn = None
         if linear and self._linearize_ok:
             try:
@@ -173,7 +269,7 @@ class GGNOperator(LinearOperator):
             except Exception:  # a model make_fx cannot trace: plain jvp below
                 self._linearize_ok = False
         if jvp_fn is None:
-            def jvp_fn(t: dict[str, Tensor], x: Tensor = x) -> Tensor:
+            def jvp_fn(t: dict[str, Tensor], x: Any = x) -> Tensor:
                 return jvp(lambda p: self._f(p, x), (self._params,), (t,))[1]
         # measured: the vjp closure keeps ~0.75×, the linearised graph ~2× the modules' outputs
         nbytes = 3 * self._activation_bytes(x) if estimate else 0
@@ -220,8 +316,7 @@ class GGNOperator(LinearOperator):
                     JV = ch.jvp_fn(dict(zip(self.names, self.unflatten(cols[:, 0]))))[None]
                 else:
                     JV = vmap(ch.jvp_fn)(dict(zip(self.names, self.unflatten(cols))))
-                BJV = torch.einsum("mrd,kmd->kmr", ch.B, JV)
-                HJV = torch.einsum("mrc,kmr->kmc", ch.B, BJV)
+                HJV = _apply_factor(ch.B, JV)
                 if cols.shape[1] == 1:
                     g = ch.vjp_fn(HJV[0])[0]
                     result[:, s] += torch.cat([g[n].reshape(-1) for n in self.names])
@@ -239,17 +334,18 @@ class GGNOperator(LinearOperator):
         sub-chunk); ``s`` is chosen so that ``s · R · P ≤ memory_elements``.
         """
 
-        def rows(x1: Tensor, B1: Tensor) -> dict[str, Tensor]:
-            _, fn = vjp(lambda p: self._f(p, x1[None])[0], self._params)
+        def rows(x1: Any, B1: Tensor) -> dict[str, Tensor]:
+            one = map_tensors(x1, lambda t: t[None])  # the sample as a batch of one
+            _, fn = vjp(lambda p: self._f(p, one)[0], self._params)
             return vmap(fn)(B1)[0]  # each (R, *shape)
 
         for i, (x, y) in enumerate(iter_chunks(self.data, self.chunk_size)):
-            x = x.to(device=self.device, dtype=self.dtype)
+            x = to_model(x, self.device, self.dtype)
             with torch.no_grad():
                 B = self.output_factor(self._f(self._params, x), y, i)
             sub = max(1, memory_elements // max(1, B.shape[1] * self.dim))
-            for s in range(0, x.shape[0], sub):
-                g = vmap(rows)(x[s:s + sub], B[s:s + sub])
+            for s in range(0, batch_size(x), sub):
+                g = vmap(rows)(slice_batch(x, slice(s, s + sub)), B[s:s + sub])
                 n = g[self.names[0]].shape[0] * B.shape[1]
                 yield torch.cat([g[k].reshape(n, -1) for k in self.names], dim=1)
 
@@ -310,17 +406,30 @@ class ExactFisher(GGNOperator):
 
     fisher = "exact"
 
-    def output_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
+    def flat_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
         return self.likelihood.hessian_sqrt(out)
+
+    def product_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
+        if self._event is None:
+            return self.output_factor(out, y, chunk)
+        return self.likelihood.event_hessian_sqrt(out.reshape(out.shape[0], -1, self._event))
 
     @property
     def rank_bound(self) -> int:
-        return self.num_samples * self._out_dim()
+        """``N · C_f``: the output entries of all samples (for sequences of several lengths the
+        sum over chunks, one forward pass each)."""
+        if self._event is None:
+            return self.num_samples * self._out_dim()
+        total = 0
+        with torch.no_grad():
+            for x, _ in self.chunks():
+                total += int(self.forward(x).numel())
+        return total
 
     def _out_dim(self) -> int:
         x, _ = next(iter_chunks(self.data, 1))
         with torch.no_grad():
-            return int(self._f(self._params, x.to(device=self.device, dtype=self.dtype)).shape[1])
+            return int(self._f(self._params, to_model(x, self.device, self.dtype)).shape[1])
 
 
 class MCFisher(GGNOperator):
@@ -341,8 +450,11 @@ class MCFisher(GGNOperator):
         self.seed = seed
         super().__init__(model, data, loss, **kwargs)
 
-    def output_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
-        gen = torch.Generator(device=out.device).manual_seed(self.seed + chunk)
+    def _generator(self, chunk: int, device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.seed + chunk)
+
+    def flat_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
+        gen = self._generator(chunk, out.device)
         rows = [self.likelihood.nll_grad(out, self.likelihood.sample(out, gen))
                 for _ in range(self.mc_samples)]
         return torch.stack(rows, dim=1) / self.mc_samples ** 0.5
@@ -364,6 +476,9 @@ class EmpiricalFisher(GGNOperator):
     def output_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
         if y is None:
             raise ValueError("the empirical Fisher needs labels: pass data as (X, y)")
+        return super().output_factor(out, y.to(out.device), chunk)
+
+    def flat_factor(self, out: Tensor, y: Tensor | None, chunk: int) -> Tensor:
         return self.likelihood.nll_grad(out, y.to(out.device))[:, None, :]
 
     @property

@@ -9,8 +9,10 @@ and ``P`` columns; it is stored per layer, in the cheapest exact form:
 * **dense rows** (Conv2d, Linear with extra leading dims, and every parameter outside a
   recognised layer): the per-sample, per-row gradients ``(N, R, P_ℓ)``.
 
-One pass builds it (one forward and ``R`` backward passes per chunk to the layer outputs,
-:mod:`natgrad.fisher.pullback`, plus per-sample gradients of the dense layers); afterwards a
+Every sample must have the same ``R`` (sequence outputs: one length for the exact Fisher, whose
+``R = T · V``; ``ValueError`` otherwise). One pass builds it (one forward and ``R`` backward
+passes per chunk to the layer outputs, :mod:`natgrad.fisher.pullback`, plus per-sample gradients
+of the dense layers); afterwards a
 product ``F V`` is ``Uᵀ (U V) / N`` — a few matmuls per layer, no pass through the network. For a
 conv net this is an order of magnitude fewer flops than a ``jvp`` + ``vjp`` product (a conv layer
 costs ``2 N R P_ℓ`` per column instead of about ``4 N T P_ℓ``), and ``(P, k)`` products are
@@ -209,6 +211,8 @@ class RowFisher(LinearOperator):
             for n in kron & set(A):
                 store[n][0][n0:n0 + m] = A[n][:, 0]
             for r, grads in enumerate(chunk.rows):
+                if r >= R:
+                    raise _rows_vary(R)
                 for n, g in grads.items():
                     h = slots[n].helper
                     G = grad_matrix(h, g)
@@ -225,7 +229,10 @@ class RowFisher(LinearOperator):
                           if n in kron else _DenseBlock(n, s.indices, cols, *store[n]))
         if rest:
             sub = op.restrict([op.names[i] for i in rest])
-            U = torch.cat(list(sub._sample_rows(memory_elements))).reshape(N, R, sub.dim)
+            U = torch.cat(list(sub._sample_rows(memory_elements)))
+            if U.shape[0] != N * R:
+                raise _rows_vary(R)
+            U = U.reshape(N, R, sub.dim)
             blocks.append(_DenseBlock("", tuple(rest), _cols(op, rest), U))
         return cls(op, blocks, N, op.rank_bound)
 
@@ -290,6 +297,14 @@ class RowFisher(LinearOperator):
 
     def block(self, name: str) -> LinearOperator:
         return self.restrict([self.names[i] for i in self.block_indices(name)])
+
+
+def _rows_vary(R: int) -> ValueError:
+    return ValueError(
+        f"RowFisher needs the same number of output-factor rows for every sample (R = {R} for "
+        "the first one); the exact Fisher of sequences of several lengths has T·V rows per "
+        "sample: multiply with the operator itself (natgrad.fisher.analysis.analyze: "
+        "cache=False), or use one sequence length")
 
 
 def _cols(op: LinearOperator, indices: Sequence[int]) -> Tensor | slice:
