@@ -186,6 +186,9 @@ def test_tiny_families_and_convergence_end_to_end(tmp_path):
     frac = fam["models"]["transformer"]["preconditioned"]
     assert frac["sgd"] == 0.0 and frac["adamw"] == 0.0
     assert 0.5 < frac["kfac"] <= 1.0 and frac["pkfac+adamw"] == frac["pkfac"]
+    inter = fam["models"]["transformer"]["interleaved"]
+    assert [r["optimizer"] for r in inter["runs"]] == [r["optimizer"] for r in runs]
+    assert inter["runs"][0]["ratio_median"] == 1.0 and inter["rounds"] == 3
     conv = json.loads((out / "results" / "convergence.json").read_text())
     entry = conv["models"]["transformer"]
     grid = entry["grid_validation_accuracy"]
@@ -196,6 +199,7 @@ def test_tiny_families_and_convergence_end_to_end(tmp_path):
     assert chosen == entry["chosen_lr"]
     md = (out / "RESULTS.md").read_text()
     assert "Share of the parameters that take the natural-gradient step" in md
+    assert "step time with the optimizers taking turns step by step" in md
     assert "**transformer** on majority:" in md and "| optimizer | lr | test acc. % |" in md
     assert f"{PART_TITLES['parity']}\n\nskipped" in md
 

@@ -1,5 +1,6 @@
-"""``natgrad bench``: ``scaling`` (cost of the factor strategies vs width) and ``stability``
-(float32 K-FAC variants over a damping sweep). The measuring code lives in :mod:`natgrad.bench`.
+"""``natgrad bench``: ``scaling`` (cost of the factor strategies vs width), ``stability``
+(float32 K-FAC variants over a damping sweep) and ``steps`` (step times of optimizers taking
+turns on one model). The measuring code lives in :mod:`natgrad.bench`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="writes DIR/stability.json (default runs/bench)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=run_stability_cmd)
+
+    from ..models import MODELS
+    from ..optim.registry import OPTIMIZERS
+
+    st = sub.add_parser("steps", help="step times of optimizers taking turns on one model",
+                        description="Every optimizer trains its own copy of the same model on "
+                        "the same batches, one step each per round (rotating order); median step "
+                        "times and the median per-round ratio to the first optimizer.")
+    st.add_argument("--model", default="resnet8", choices=list(MODELS),
+                    help="network (default resnet8)")
+    st.add_argument("--data", metavar="NAME",
+                    help="data set (default mnist5k; majority for the transformer)")
+    st.add_argument("--optimizers", default="sgd,adamw,kfac,pkfac,pkfac+adamw",
+                    metavar="A,B,...", help=f"from {', '.join(OPTIMIZERS)}; the first is the "
+                    "reference of the ratios (default sgd,adamw,kfac,pkfac,pkfac+adamw)")
+    st.add_argument("--rounds", type=int, default=60, help="timed rounds (default 60)")
+    st.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    st.add_argument("--batch-size", type=int, default=128, help="default 128")
+    st.add_argument("--seed", type=int, default=0, help="initial weights, batch order")
+    st.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    st.add_argument("--out", default="runs/bench", metavar="DIR",
+                    help="writes DIR/steps.json (default runs/bench)")
+    st.set_defaults(func=run_steps_cmd)
     return p
 
 
@@ -148,4 +172,34 @@ def run_stability_cmd(args: argparse.Namespace) -> int:
     doc = run_stability(cfg, args.out, progress=not args.no_progress)
     print(format_stability(doc))
     print(f"\nwrote {Path(args.out) / 'stability.json'}")
+    return 0
+
+
+def run_steps_cmd(args: argparse.Namespace) -> int:
+    """Validate, measure, print the table, write ``steps.json``."""
+    from ..models import MODELS
+    from ..optim.registry import OPTIMIZERS
+
+    _positive(args, "rounds", "batch_size", "threads")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    names = parse_names(args.optimizers, OPTIMIZERS, "optimizer")
+    if len(names) < 2:
+        raise UsageError(f"--optimizers needs at least two optimizers, got {args.optimizers!r}")
+    data = args.data or ("majority" if MODELS[args.model].needs_tokens else "mnist5k")
+
+    import torch
+
+    from ..bench.steps import StepConfig, format_steps, interleaved_step_times
+    from ..report import write_json
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    doc = interleaved_step_times(StepConfig(args.model, data, tuple(names), rounds=args.rounds,
+                                            warmup=args.warmup, batch_size=args.batch_size,
+                                            seed=args.seed))
+    print(format_steps(doc))
+    path = Path(args.out) / "steps.json"
+    write_json(path, doc)
+    print(f"\nwrote {path}")
     return 0

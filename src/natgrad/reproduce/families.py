@@ -3,8 +3,9 @@ convergence with tuned learning rates.
 
 * :func:`run_families` — the ResNet (BatchNorm) on the embedded MNIST sample and the causal
   transformer (Embedding, LayerNorm, attention) on the generated majority task: every optimizer
-  of :data:`FAMILY_OPTIMIZERS` at the same epochs and seeds, accuracy, step / wall time as ratios
-  to SGD, and the fraction of parameters each optimizer preconditions.
+  of :data:`FAMILY_OPTIMIZERS` at the same epochs and seeds, accuracy, wall time as a ratio to
+  SGD, the fraction of parameters each optimizer preconditions, and step times measured with the
+  optimizers taking turns step by step (:mod:`natgrad.bench.steps`, robust to a drifting load).
 * :func:`run_convergence` — for the CNN, the ResNet and the transformer: each optimizer's learning
   rate picked from a small grid on a validation split carved from the training data (the test
   set is not looked at), then ``convergence_epochs`` epochs with one cosine schedule for all,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..bench.steps import StepConfig, interleaved_step_times
 from .context import Context
 from .training import compare, metric
 
@@ -54,6 +56,10 @@ def run_families(ctx: Context) -> dict[str, Any]:
                         entry["figures"].append(path)
         entry["preconditioned"] = {r["optimizer"]: r["preconditioned_fraction"]
                                    for r in entry["seed_runs"][0]["runs"]}
+        ctx.note(f"{model}: step times, optimizers taking turns")
+        entry["interleaved"] = interleaved_step_times(StepConfig(
+            model, FAMILY_DATA[model], FAMILY_OPTIMIZERS, rounds=s.family_step_rounds,
+            warmup=min(3, s.family_step_rounds)))
     return doc
 
 

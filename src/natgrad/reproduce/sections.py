@@ -308,9 +308,23 @@ def families_md(doc: Mapping[str, Any]) -> str:
                  "e.g. attention's fused layers if any, take the plain step of the optimizer):")
     parts.append(md_table(["model", *opts], rows))
     for model, m in doc["models"].items():
-        parts.append(f"**{model}**, step and wall time (ratios to SGD of the same run):")
-        parts.append(md_table(["optimizer", "step ms", "step / SGD", "wall / SGD"],
-                              timing_rows(m["seed_runs"], reconstruct=True)))
+        walls = timing_ratios(m["seed_runs"])
+        inter = {r["optimizer"]: r for r in m.get("interleaved", {}).get("runs", [])}
+        rows = []
+        for opt in opts:
+            r = inter.get(opt, {})
+            q = r.get("ratio_quartiles")
+            rows.append([opt, None if not r else 1e3 * r["step_time_s_median"],
+                         DASH if not r else f"{num(r['ratio_median'])}× "
+                         f"({num(q[0])}–{num(q[1])})",
+                         pm(walls.get(opt, {}).get("wall_ratio", []), suffix="×")])
+        rounds = m.get("interleaved", {}).get("rounds")
+        parts.append(f"**{model}**: step time with the optimizers taking turns step by step on "
+                     f"the same batches ({rounds} rounds, median; ratio: median over rounds of "
+                     "the step time over SGD's in the same round, interquartile range in "
+                     "brackets); wall time of the training runs above over SGD's (mean ± std "
+                     "over seeds):")
+        parts.append(md_table(["optimizer", "step ms", "step / SGD", "wall / SGD"], rows))
     return "\n\n".join(parts)
 
 

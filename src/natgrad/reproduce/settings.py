@@ -46,6 +46,7 @@ class Settings:
         tracking_optimizers, tracking_samples: curvature tracked over training.
         peers_samples, peers_repeats, peers_memory: the side-by-side analysis benchmark.
         family_models, family_epochs: the ResNet / transformer equal-epoch tables.
+        family_step_rounds: rounds of the interleaved step-time measurement per family.
         convergence_models, convergence_epochs: training to convergence (cosine schedule).
         grid_epochs, validation: the learning-rate grid, on the last ``validation`` training
             samples.
@@ -79,6 +80,7 @@ class Settings:
     peers_memory: bool = True
     family_models: tuple[str, ...] = ("resnet8", "transformer")
     family_epochs: int = 3
+    family_step_rounds: int = 60
     convergence_models: tuple[str, ...] = ("cnn", "resnet8", "transformer")
     convergence_epochs: int = 30
     grid_epochs: int = 5
@@ -112,6 +114,7 @@ QUICK = Settings(
     peers_samples=256,
     peers_repeats=1,
     family_epochs=1,
+    family_step_rounds=20,
     convergence_models=("transformer",),
     convergence_epochs=2,
     grid_epochs=1,
@@ -145,6 +148,7 @@ TINY = Settings(
     peers_memory=False,
     family_models=("transformer",),
     family_epochs=1,
+    family_step_rounds=3,
     convergence_models=("transformer",),
     convergence_epochs=1,
     grid_epochs=1,

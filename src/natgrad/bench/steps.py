@@ -1,0 +1,124 @@
+"""Step time of several optimizers on one model, the optimizers taking turns step by step.
+
+On a shared machine the load drifts over minutes, so step times measured in separate training
+runs (one optimizer after the other) can differ by more than the optimizers do. Here every
+optimizer trains its own copy of the same initial model on the *same* batches, and in every
+round each optimizer takes one step (the order rotates from round to round); a round's ratio
+``step(opt) / step(sgd)`` compares steps taken seconds apart, and the median over rounds is
+reported. A step is what the training loop times: forward, loss, ``zero_grad``, backward,
+``optimizer.step()`` (curvature steps included at their share of the rounds).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data import load_dataset
+from ..losses import get_loss
+from ..models import build_model, get_model_spec
+from ..optim.registry import get_optimizer_spec, make_optimizer
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What :func:`interleaved_step_times` measures.
+
+    Attributes:
+        model: registry name of the network.
+        data: data set name (its training split gives the batches).
+        optimizers: registry names; the first is the reference of the ratios (normally ``sgd``).
+        rounds: timed rounds (each optimizer steps once per round).
+        warmup: untimed rounds first (lazy allocations, the first curvature refresh).
+        batch_size: samples per step.
+        seed: initial weights and batch order.
+    """
+
+    model: str
+    data: str
+    optimizers: tuple[str, ...]
+    rounds: int = 60
+    warmup: int = 3
+    batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.optimizers) < 2 or len(set(self.optimizers)) != len(self.optimizers):
+            raise ValueError(f"optimizers must name at least two distinct optimizers, got "
+                             f"{self.optimizers!r}")
+        for name in ("rounds", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+
+
+def interleaved_step_times(cfg: StepConfig) -> dict[str, Any]:
+    """Median step time per optimizer and the median over rounds of its ratio to the first.
+
+    Returns:
+        ``{"config": ..., "rounds": int, "runs": [{"optimizer", "step_time_s_median",
+        "ratio_median", "ratio_quartiles": [q1, q3]}, ...]}``.
+    """
+    train, _ = load_dataset(cfg.data)
+    spec = get_model_spec(cfg.model)
+    kind = spec.loss_kind
+    loss_fn = get_loss(kind).fn
+    torch.manual_seed(cfg.seed)
+    initial = build_model(cfg.model, train.info)
+    models, opts = {}, {}
+    for name in cfg.optimizers:
+        models[name] = copy.deepcopy(initial)
+        models[name].train()
+        opts[name] = make_optimizer(name, models[name],
+                                    lr=get_optimizer_spec(name).lr_for(kind), loss_kind=kind)
+    x_all = train.x
+    y_all = train.x.reshape(len(train.x), -1) if spec.reconstruct else train.y
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.cat([torch.randperm(len(x_all), generator=gen)
+                       for _ in range(1 + (cfg.rounds + cfg.warmup) * cfg.batch_size
+                                      // len(x_all))])
+    times: dict[str, list[float]] = {n: [] for n in cfg.optimizers}
+    k = len(cfg.optimizers)
+    for r in range(cfg.warmup + cfg.rounds):
+        idx = order[r * cfg.batch_size:(r + 1) * cfg.batch_size]
+        x, y = x_all[idx], y_all[idx]
+        for j in range(k):
+            name = cfg.optimizers[(r + j) % k]
+            t0 = time.perf_counter()
+            loss = loss_fn(models[name](x), y)
+            opts[name].zero_grad()
+            loss.backward()
+            opts[name].step()
+            loss.item()
+            if r >= cfg.warmup:
+                times[name].append(time.perf_counter() - t0)
+    ref = times[cfg.optimizers[0]]
+    runs = []
+    for name in cfg.optimizers:
+        ratios = sorted(a / b for a, b in zip(times[name], ref))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        runs.append({"optimizer": name, "step_time_s_median": statistics.median(times[name]),
+                     "ratio_median": statistics.median(ratios), "ratio_quartiles": [q[0], q[2]]})
+    return {"config": {**cfg.__dict__, "optimizers": list(cfg.optimizers),
+                       "threads": torch.get_num_threads()},
+            "rounds": cfg.rounds, "runs": runs}
+
+
+def format_steps(doc: dict[str, Any]) -> str:
+    """A plain-text table of :func:`interleaved_step_times`' result."""
+    from ..report import format_table
+
+    cfg = doc["config"]
+    ref = cfg["optimizers"][0]
+    rows = [[r["optimizer"], f"{1e3 * r['step_time_s_median']:.1f}",
+             f"{r['ratio_median']:.2f}x ({r['ratio_quartiles'][0]:.2f}-"
+             f"{r['ratio_quartiles'][1]:.2f})"] for r in doc["runs"]]
+    head = (f"{cfg['model']} on {cfg['data']}, batch {cfg['batch_size']}, {doc['rounds']} rounds "
+            f"taking turns, {cfg['threads']} threads")
+    return head + "\n" + format_table(["optimizer", "step ms", f"step / {ref} (IQR)"], rows)
