@@ -1,5 +1,5 @@
 """Models: :class:`MLP`, :class:`SmallCNN`, :class:`ResNet8`, :class:`CausalTransformer`,
-:class:`DeepAutoencoder` and the :data:`MODELS` table.
+:class:`DeepAutoencoder`, :class:`WideCNN` and the :data:`MODELS` table.
 
 >>> from natgrad.data import dataset_info
 >>> model = build_model("mlp", dataset_info("mnist5k"))
@@ -19,6 +19,7 @@ from .registry import (
 )
 from .resnet import ResNet8
 from .transformer import CausalTransformer
+from .widecnn import WideCNN
 
 __all__ = [
     "MLP",
@@ -28,6 +29,7 @@ __all__ = [
     "DeepAutoencoder",
     "ModelSpec",
     "SmallCNN",
+    "WideCNN",
     "build_model",
     "get_model_spec",
     "load_checkpoint",

@@ -18,6 +18,7 @@ from ..data.base import DatasetInfo
 from .nets import MLP, DeepAutoencoder, SmallCNN
 from .resnet import ResNet8
 from .transformer import CausalTransformer
+from .widecnn import WideCNN
 
 Builder = Callable[[DatasetInfo, tuple[int, ...]], nn.Module]
 
@@ -75,6 +76,12 @@ MODELS: dict[str, ModelSpec] = {
         lambda info, h: CausalTransformer(info.vocab, info.num_classes, info.input_shape[0]),
         "cross_entropy",
         needs_tokens=True,
+    ),
+    "widecnn": ModelSpec(  # hidden = the conv channels
+        lambda info, h: WideCNN(info.in_channels, info.num_classes, h),
+        "cross_entropy",
+        default_hidden=(128, 256, 512),
+        needs_images=True,
     ),
 }
 
