@@ -614,12 +614,19 @@ def plot_capacity(doc: dict[str, Any], path: str | Path) -> Path:
                 ax.plot(xs, ys, style, ms=5, color=color, mfc="none" if rows is cnn else color,
                         label=opt if rows is ok else None)
                 drawn[j] += len(xs)
-    axes[0].set(xlabel="parameters", ylabel="median step time / SGD's")
-    axes[1].set(xlabel="parameters", ylabel="peak resident GiB (x: stopped at a budget)")
+    axes[0].set(xlabel="parameters", ylabel="median step time / SGD's",
+                title="step time over SGD's (lines: MLP, squares: CNN)")
+    axes[1].set(xlabel="parameters", ylabel="peak resident GiB",
+                title="peak memory (x: stopped at a budget; dotted: budget)")
     axes[1].axhline(doc["meta"]["memory_budget_gib"], ls=":", color="grey")
+    from matplotlib import ticker  # installed: pyplot() found it
+
     for ax, n in zip(axes, drawn):
         if n:
             ax.set(xscale="log", yscale="log")
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         else:
             ax.text(0.5, 0.5, "no completed run", transform=ax.transAxes, ha="center")
     return save_figure(fig, path, axes, legend=any(drawn))
