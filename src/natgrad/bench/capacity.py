@@ -414,7 +414,8 @@ def _row(job: Job, params: int, w: _Watch, memory_budget_gib: float) -> dict[str
     error = by_kind["error"][0] if by_kind["error"] else None
     ready = by_kind["ready"][0] if by_kind["ready"] else {}
     note = None
-    if done is not None and w.killed is None:
+    # every step done: a time-budget kill during the child's exit came after the work
+    if done is not None and w.killed in (None, "out_of_time"):
         status = "ok"
     elif w.killed is not None:
         status = w.killed
