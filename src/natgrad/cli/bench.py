@@ -1,6 +1,7 @@
 """``natgrad bench``: ``scaling`` (cost of the factor strategies vs width), ``stability``
-(float32 K-FAC variants over a damping sweep) and ``steps`` (step times of optimizers taking
-turns on one model). The measuring code lives in :mod:`natgrad.bench`.
+(float32 K-FAC variants over a damping sweep), ``capacity`` (step time, peak memory and
+optimizer state of whole networks vs parameters, under budgets) and ``steps`` (step times of
+optimizers taking turns on one model). The measuring code lives in :mod:`natgrad.bench`.
 """
 
 from __future__ import annotations
@@ -9,16 +10,21 @@ import argparse
 import math
 from pathlib import Path
 
-from .common import UsageError, describe, parse_names, split_list
+from .common import UsageError, check_output_dir, describe, parse_names, split_list
 
 DEFAULT_WIDTHS = "256,512,1024,2048,4096"
 DEFAULT_RANKS = "32,64"
 DEFAULT_DAMPINGS = "1e-1,1e-2,1e-3,1e-4,1e-5,1e-6"
+DEFAULT_CAPACITY_WIDTHS = "1024,2048,4096,8192,16384"
+DEFAULT_CNN_CHANNELS = "128,256,512"
+DEFAULT_CAPACITY_OPTIMIZERS = "sgd,adam,kfac,pkfac,pkfac-every"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``bench`` (with ``scaling`` and ``stability``) on the top-level parser."""
-    p = subparsers.add_parser("bench", help="benchmarks: factor cost scaling, damping stability",
+    """Register ``bench`` (``scaling``, ``stability``, ``capacity``, ``steps``) on the top-level
+    parser."""
+    p = subparsers.add_parser("bench", help="benchmarks: factor cost scaling, capacity, damping "
+                              "stability, step times",
                               description=describe(__doc__))
     sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
 
@@ -64,6 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="writes DIR/stability.json (default runs/bench)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=run_stability_cmd)
+    _add_capacity(sub)
 
     from ..models import MODELS
     from ..optim.registry import OPTIMIZERS
@@ -90,6 +97,42 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def _add_capacity(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("capacity", help="step time, peak memory and state of whole networks vs "
+                       "parameters, per optimizer, under time and memory budgets",
+                       description="Train MLPs 784-w-w-10 and a wide CNN for a few steps with "
+                       "each optimizer, one child process per configuration; record the first "
+                       "and median step times, the peak resident memory and the optimizer "
+                       "state, and ok / out_of_time / out_of_memory / failed.")
+    c.add_argument("--widths", default=DEFAULT_CAPACITY_WIDTHS, metavar="W1,W2,...",
+                   help=f"MLP hidden widths (default {DEFAULT_CAPACITY_WIDTHS})")
+    c.add_argument("--cnn-channels", default=DEFAULT_CNN_CHANNELS, metavar="C1,C2,...|none",
+                   help=f"conv channels of the wide CNN, or 'none' (default "
+                   f"{DEFAULT_CNN_CHANNELS})")
+    c.add_argument("--optimizers", default=DEFAULT_CAPACITY_OPTIMIZERS, metavar="A,B,...",
+                   help="registry optimizers; NAME-every is a K-FAC entry with curvature every "
+                   f"step (default {DEFAULT_CAPACITY_OPTIMIZERS})")
+    c.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    c.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps after the first (default 3)")
+    c.add_argument("--batch", type=int, default=128, help="samples per step (default 128)")
+    c.add_argument("--time-budget", type=float, default=600.0, metavar="SECONDS",
+                   help="seconds of steps per configuration (default 600; the setup has 300 more)")
+    c.add_argument("--memory-budget", type=float, default=20.0, metavar="GIB",
+                   help="resident memory per configuration, GiB (default 20)")
+    c.add_argument("--threads", type=int,
+                   help="torch.set_num_threads in each child (default: torch's choice)")
+    c.add_argument("--seed", type=int, default=0, help="initial weights, batch order (default 0)")
+    c.add_argument("--no-skip", action="store_true",
+                   help="also start an optimizer at widths above one where it ran out of time "
+                   "or memory")
+    c.add_argument("--out", default="runs/bench", metavar="DIR",
+                   help="writes DIR/capacity.json and DIR/capacity.png (default runs/bench)")
+    c.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=run_capacity_cmd)
+
+
 def _ints(text: str, flag: str, low: int = 1) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in split_list(text))
@@ -100,6 +143,13 @@ def _ints(text: str, flag: str, low: int = 1) -> tuple[int, ...]:
     if len(set(values)) != len(values):
         raise UsageError(f"{flag}: a value is listed twice in {text!r}")
     return values
+
+
+def _names(text: str, accepted: tuple[str, ...], flag: str, what: str) -> tuple[str, ...]:
+    try:
+        return tuple(parse_names(text, accepted, what))
+    except UsageError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
@@ -187,6 +237,7 @@ def run_steps_cmd(args: argparse.Namespace) -> int:
     if len(names) < 2:
         raise UsageError(f"--optimizers needs at least two optimizers, got {args.optimizers!r}")
     data = args.data or ("majority" if MODELS[args.model].needs_tokens else "mnist5k")
+    check_output_dir(args.out, "--out")
 
     import torch
 
@@ -203,3 +254,56 @@ def run_steps_cmd(args: argparse.Namespace) -> int:
     write_json(path, doc)
     print(f"\nwrote {path}")
     return 0
+
+
+def run_capacity_cmd(args: argparse.Namespace) -> int:
+    """Validate, run every configuration, print the table (or the JSON), write
+    ``capacity.json`` and ``capacity.png``."""
+    from ..bench.capacity import CapacityConfig, format_capacity, optimizer_names, run_capacity
+
+    _positive(args, "steps", "batch", "time_budget", "memory_budget", "threads")
+    for flag, value in (("--warmup", args.warmup), ("--seed", args.seed)):
+        if value < 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    for flag, value in (("--time-budget", args.time_budget),
+                        ("--memory-budget", args.memory_budget)):
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number of "
+                             f"{'seconds' if 'time' in flag else 'GiB'}, got {value}")
+    channels = (None if args.cnn_channels.strip().lower() == "none"
+                else _ints(args.cnn_channels, "--cnn-channels"))
+    check_output_dir(args.out, "--out")
+    cfg = CapacityConfig(
+        widths=_ints(args.widths, "--widths"),
+        cnn_channels=channels,
+        optimizers=_names(args.optimizers, optimizer_names(), "--optimizers", "optimizer"),
+        steps=args.steps,
+        warmup=args.warmup,
+        batch=args.batch,
+        time_budget_s=args.time_budget,
+        memory_budget_gib=args.memory_budget,
+        threads=args.threads,
+        seed=args.seed,
+        skip_larger=not args.no_skip,
+    )
+    doc = run_capacity(cfg, args.out, progress=not args.no_progress and not args.json,
+                       command=_capacity_command(args))
+    if args.json:
+        print((Path(args.out) / "capacity.json").read_text(), end="")
+    else:
+        print(format_capacity(doc))
+        print(f"\nwrote {Path(args.out) / 'capacity.json'} and capacity.png")
+    return 0
+
+
+def _capacity_command(args: argparse.Namespace) -> str:
+    """The full command line of this run, every setting written out."""
+    import shlex
+
+    words = ["natgrad", "bench", "capacity"]
+    for flag in ("widths", "cnn_channels", "optimizers", "steps", "warmup", "batch",
+                 "time_budget", "memory_budget", "threads", "seed", "out"):
+        value = getattr(args, flag)
+        if value is not None:
+            words += [f"--{flag.replace('_', '-')}", str(value)]
+    return shlex.join(words + (["--no-skip"] if args.no_skip else []))

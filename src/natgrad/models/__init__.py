@@ -1,5 +1,5 @@
 """Models: :class:`MLP`, :class:`SmallCNN`, :class:`ResNet8`, :class:`CausalTransformer`,
-:class:`DeepAutoencoder` and the :data:`MODELS` table.
+:class:`DeepAutoencoder`, :class:`WideCNN` and the :data:`MODELS` table.
 
 >>> from natgrad.data import dataset_info
 >>> model = build_model("mlp", dataset_info("mnist5k"))
@@ -29,10 +29,11 @@ if TYPE_CHECKING:  # pragma: no cover - imported lazily by __getattr__
     from .nets import MLP, DeepAutoencoder, SmallCNN
     from .resnet import ResNet8
     from .transformer import CausalTransformer
+    from .widecnn import WideCNN
 
 #: network class → the module defining it
 _NETWORKS = {"MLP": "nets", "DeepAutoencoder": "nets", "SmallCNN": "nets", "ResNet8": "resnet",
-             "CausalTransformer": "transformer"}
+             "CausalTransformer": "transformer", "WideCNN": "widecnn"}
 
 __all__ = [
     "MLP",
@@ -42,6 +43,7 @@ __all__ = [
     "DeepAutoencoder",
     "ModelSpec",
     "SmallCNN",
+    "WideCNN",
     "build_model",
     "get_model_spec",
     "load_checkpoint",

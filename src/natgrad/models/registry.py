@@ -50,6 +50,12 @@ def _transformer(info: DatasetInfo, hidden: tuple[int, ...]) -> nn.Module:
     return CausalTransformer(info.vocab, info.num_classes, info.input_shape[0])
 
 
+def _widecnn(info: DatasetInfo, hidden: tuple[int, ...]) -> nn.Module:
+    from .widecnn import WideCNN
+
+    return WideCNN(info.in_channels, info.num_classes, hidden)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One registry entry.
@@ -103,6 +109,12 @@ MODELS: dict[str, ModelSpec] = {
         _transformer,
         "cross_entropy",
         needs_tokens=True,
+    ),
+    "widecnn": ModelSpec(  # hidden = the conv channels
+        _widecnn,
+        "cross_entropy",
+        default_hidden=(128, 256, 512),
+        needs_images=True,
     ),
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .capacity import capacity_md
 from .format import DASH, figure, md_table, mean_std, num, pm, ratio
 from .peers import peers_md
 from .sections import (
@@ -31,6 +32,7 @@ RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "parity": parity_md,
     "timing": timing_md,
     "scaling": scaling_md,
+    "capacity": capacity_md,
     "stability": stability_md,
     "analysis": analysis_md,
     "peers": peers_md,

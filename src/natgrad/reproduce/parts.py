@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .capacity import run_capacity
 from .context import Context, PartUnavailable, available_optimizers
 from .curvature import run_analysis, run_scaling, run_stability
 from .families import run_convergence, run_families
@@ -26,6 +27,7 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "parity": run_parity,
     "timing": run_timing,
     "scaling": run_scaling,
+    "capacity": run_capacity,
     "stability": run_stability,
     "analysis": run_analysis,
     "peers": run_peers,

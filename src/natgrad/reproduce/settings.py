@@ -8,18 +8,19 @@ import time
 from dataclasses import dataclass, field, replace
 
 #: the parts, in the order of docs/RESULTS.md
-PARTS = ("parity", "timing", "scaling", "stability", "analysis", "peers", "families",
-         "convergence", "discussion")
+PARTS = ("parity", "timing", "scaling", "capacity", "stability", "analysis", "peers",
+         "families", "convergence", "discussion")
 PART_TITLES = {
     "parity": "1. Accuracy parity",
     "timing": "2. Time to target and step time, relative to SGD",
     "scaling": "3. Complexity: curvature cost vs layer width",
-    "stability": "4. Numerical stability over damping (float32)",
-    "analysis": "5. Fisher analysis of a trained CNN",
-    "peers": "6. Fisher analysis side by side with BackPACK and curvlinops",
-    "families": "7. Whole networks: a ResNet with BatchNorm and a causal transformer",
-    "convergence": "8. Training to convergence with tuned learning rates",
-    "discussion": "9. Discussion",
+    "capacity": "4. Capacity: step time and memory of whole networks vs parameters",
+    "stability": "5. Numerical stability over damping (float32)",
+    "analysis": "6. Fisher analysis of a trained CNN",
+    "peers": "7. Fisher analysis side by side with BackPACK and curvlinops",
+    "families": "8. Whole networks: a ResNet with BatchNorm and a causal transformer",
+    "convergence": "9. Training to convergence with tuned learning rates",
+    "discussion": "10. Discussion",
 }
 #: optimizers of the parity and timing tables; those not registered at run time are listed as
 #: missing
@@ -40,6 +41,8 @@ class Settings:
         wide_hidden, wide_limit_train: the 784-1024-1024-10 step-time comparison (1 epoch).
         wide_repeats: how many times the variants of that comparison take turns.
         scaling_widths, scaling_ranks, scaling_repeats: ``natgrad bench scaling``.
+        capacity_*: ``natgrad bench capacity`` (widths, CNN channels, optimizers, steps, warm-up
+            steps, time budget s, memory budget GiB).
         stability_dampings, stability_seeds, stability_limit_train: ``natgrad bench stability``.
         analysis_epochs, analysis_limit_train: the CNN trained before ``natgrad analyze``.
         analysis_samples, analysis_top_k, analysis_probes: ``natgrad analyze``.
@@ -65,6 +68,13 @@ class Settings:
     scaling_widths: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
     scaling_ranks: tuple[int, ...] = (32, 64)
     scaling_repeats: int = 5
+    capacity_widths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+    capacity_cnn_channels: tuple[int, ...] | None = (128, 256, 512)
+    capacity_optimizers: tuple[str, ...] = ("sgd", "adam", "kfac", "pkfac", "pkfac-every")
+    capacity_steps: int = 20
+    capacity_warmup: int = 3
+    capacity_time_budget_s: float = 600.0
+    capacity_memory_budget_gib: float = 20.0
     stability_dampings: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
     stability_seeds: tuple[int, ...] = (0, 1, 2)
     stability_limit_train: int | None = None
@@ -102,6 +112,11 @@ QUICK = Settings(
     scaling_widths=(256, 512, 1024),
     scaling_ranks=(64,),
     scaling_repeats=3,
+    capacity_widths=(1024, 2048, 4096),
+    capacity_cnn_channels=(32, 64, 512),
+    capacity_steps=5,
+    capacity_warmup=1,
+    capacity_time_budget_s=120.0,
     stability_dampings=(1e-1, 1e-3, 1e-5),
     stability_seeds=(0,),
     stability_limit_train=2048,
@@ -134,6 +149,13 @@ TINY = Settings(
     scaling_widths=(32, 64),
     scaling_ranks=(8,),
     scaling_repeats=1,
+    capacity_widths=(32, 64),
+    capacity_cnn_channels=(4, 8),
+    capacity_optimizers=("sgd", "pkfac"),
+    capacity_steps=2,
+    capacity_warmup=0,
+    capacity_time_budget_s=60.0,
+    capacity_memory_budget_gib=8.0,
     stability_dampings=(1e-2,),
     stability_seeds=(0,),
     stability_limit_train=256,
@@ -224,6 +246,10 @@ def estimate(settings: Settings, parts: tuple[str, ...] | list[str],
         w = max(s.scaling_widths)
         est["scaling"] = FIXED_COST_S["scaling"] * (w / 4096) ** 2.5 * (
             len(s.scaling_ranks) + 3) / 5 * s.scaling_repeats / 5 + 5.0
+    if "capacity" in parts:
+        from .capacity import estimate_capacity
+
+        est["capacity"] = estimate_capacity(s)
     if "stability" in parts:
         runs = 3 * len(s.stability_dampings) * len(s.stability_seeds)
         est["stability"] = runs * 0.95 * (s.stability_limit_train or 4000) / 4000
