@@ -39,8 +39,19 @@ def test_analyze_cli_small(tmp_path):
     assert (tmp_path / "spectrum.png").exists()
 
 
+def test_analyze_cli_hidden_widths(tmp_path):
+    rc = main(["analyze", "--model", "mlp", "--hidden", "12,6", "--samples", "16", "-k", "2",
+               "--no-density", "--probes", "2", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["params"] == 784 * 12 + 12 + 12 * 6 + 6 + 6 * 10 + 10
+    assert [row["params"] for row in report["layers"]] == [784 * 12 + 12, 12 * 6 + 6, 6 * 10 + 10]
+
+
 @pytest.mark.parametrize("argv", [["--samples", "0"], ["--data", "nope"],
-                                  ["--checkpoint", "/nonexistent.pt"], ["--damping", "-1"]])
+                                  ["--checkpoint", "/nonexistent.pt"], ["--damping", "-1"],
+                                  ["--model", "cnn", "--hidden", "8"],
+                                  ["--model", "mlp", "--hidden", "8,x"]])
 def test_analyze_cli_bad_input(argv, capsys):
     assert main(["analyze", *argv]) == 2
     err = capsys.readouterr().err.strip()

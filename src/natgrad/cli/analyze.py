@@ -11,7 +11,7 @@ import argparse
 
 from ..data import DATASETS, DataError
 from ..models import MODELS
-from .common import UsageError, check_output_dir, config_error, describe
+from .common import UsageError, check_output_dir, config_error, describe, parse_widths
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,6 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     src.add_argument("--model", choices=list(MODELS), help="fresh model (default cnn)")
     src.add_argument("--checkpoint", metavar="PATH",
                      help="a model saved by natgrad compare --save-model")
+    p.add_argument("--hidden", metavar="W1,W2,...",
+                   help="widths of a fresh model that takes them (MLP hidden layers, "
+                   "autoencoder encoder, wide-CNN channels)")
     p.add_argument("--data", default=None, metavar="NAME",
                    help=f"data set: {', '.join(DATASETS)} (default mnist5k or the checkpoint's)")
     p.add_argument("--data-dir", metavar="DIR", help="directory with the data files")
@@ -62,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, "--out")
     kw = {} if args.rank is None else {"rank": args.rank}
+    if args.hidden is not None:
+        if args.checkpoint is not None:
+            raise UsageError("--hidden is for a fresh --model, not a --checkpoint")
+        kw["hidden"] = parse_widths(args.hidden)
     try:
         cfg = AnalyzeConfig(model=args.model, checkpoint=args.checkpoint, data=args.data,
                             data_dir=args.data_dir, samples=args.samples, fisher=args.fisher,

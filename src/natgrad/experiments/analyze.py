@@ -35,6 +35,7 @@ class AnalyzeConfig:
 
     Attributes:
         model: a registry name for a fresh model (default ``cnn``) — or ``checkpoint``.
+        hidden: widths of a fresh model that takes them (e.g. the MLP's hidden layers).
         checkpoint: a model saved by ``natgrad compare --save-model``.
         data, data_dir: the data set (default ``mnist5k`` or the checkpoint's).
         samples: training samples ``N`` the Fisher is taken over.
@@ -50,6 +51,7 @@ class AnalyzeConfig:
 
     model: str | None = None
     checkpoint: str | None = None
+    hidden: tuple[int, ...] | None = None
     data: str | None = None
     data_dir: str | None = None
     samples: int = 1000
@@ -69,6 +71,8 @@ class AnalyzeConfig:
     def __post_init__(self) -> None:
         if self.model is not None and self.checkpoint is not None:
             raise ValueError("give a model name or a checkpoint, not both")
+        if self.hidden is not None and self.checkpoint is not None:
+            raise ValueError("hidden widths are for a fresh model, not a checkpoint")
         for name in ("samples", "top_k", "probes", "slq_steps", "rank", "threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -106,11 +110,11 @@ def load_model(cfg: AnalyzeConfig) -> tuple[torch.nn.Module, str, str]:
         return model, ckpt["model"], data
     name, data = cfg.model or "cnn", cfg.data or "mnist5k"
     try:
-        check_model_args(name, DATASETS[data].info, None)
+        check_model_args(name, DATASETS[data].info, cfg.hidden)
     except ValueError as exc:
         raise ExperimentError(str(exc)) from None
     torch.manual_seed(cfg.seed)
-    return build_model(name, DATASETS[data].info), name, data
+    return build_model(name, DATASETS[data].info, cfg.hidden), name, data
 
 
 def run_analyze(cfg: AnalyzeConfig, say: Callable[[str], None] = print,
