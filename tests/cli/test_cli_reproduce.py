@@ -174,7 +174,7 @@ def test_render_without_a_previous_run_is_a_usage_error(tmp_path, capsys):
 def test_tiny_families_and_convergence_end_to_end(tmp_path):
     threads = torch.get_num_threads()
     try:
-        rc = main(["reproduce", "--tiny", "--only", "families,convergence", "--out",
+        rc = main(["reproduce", "--tiny", "--only", "families,steps,convergence", "--out",
                    str(tmp_path / "docs"), "--threads", "1", "--no-progress"])
     finally:
         torch.set_num_threads(threads)
@@ -186,9 +186,9 @@ def test_tiny_families_and_convergence_end_to_end(tmp_path):
     frac = fam["models"]["transformer"]["preconditioned"]
     assert frac["sgd"] == 0.0 and frac["adamw"] == 0.0
     assert 0.5 < frac["kfac"] <= 1.0 and frac["pkfac+adamw"] == frac["pkfac"]
-    inter = fam["models"]["transformer"]["interleaved"]
-    assert [r["optimizer"] for r in inter["runs"]] == [r["optimizer"] for r in runs]
-    assert inter["runs"][0]["ratio_median"] == 1.0 and inter["rounds"] == 3
+    steps = json.loads((out / "results" / "steps.json").read_text())["models"]["transformer"]
+    assert [r["optimizer"] for r in steps["runs"]] == [r["optimizer"] for r in runs]
+    assert steps["runs"][0]["ratio_median"] == 1.0 and steps["rounds"] == 3
     conv = json.loads((out / "results" / "convergence.json").read_text())
     entry = conv["models"]["transformer"]
     grid = entry["grid_validation_accuracy"]
@@ -199,7 +199,7 @@ def test_tiny_families_and_convergence_end_to_end(tmp_path):
     assert chosen == entry["chosen_lr"]
     md = (out / "RESULTS.md").read_text()
     assert "Share of the parameters that take the natural-gradient step" in md
-    assert "step time with the optimizers taking turns step by step" in md
+    assert "**transformer** on majority, batch 128, 3 rounds" in md
     assert "**transformer** on majority:" in md and "| optimizer | lr | test acc. % |" in md
     assert f"{PART_TITLES['parity']}\n\nskipped" in md
 

@@ -4,8 +4,10 @@ convergence with tuned learning rates.
 * :func:`run_families` — the ResNet (BatchNorm) on the embedded MNIST sample and the causal
   transformer (Embedding, LayerNorm, attention) on the generated majority task: every optimizer
   of :data:`FAMILY_OPTIMIZERS` at the same epochs and seeds, accuracy, wall time as a ratio to
-  SGD, the fraction of parameters each optimizer preconditions, and step times measured with the
-  optimizers taking turns step by step (:mod:`natgrad.bench.steps`, robust to a drifting load).
+  SGD, and the fraction of parameters each optimizer preconditions.
+* :func:`run_steps` — step times of the CNN, the ResNet and the transformer with the optimizers
+  taking turns step by step (:mod:`natgrad.bench.steps`: robust to a drifting load, which
+  distorts step times taken from separate training runs on a shared machine).
 * :func:`run_convergence` — for the CNN, the ResNet and the transformer: each optimizer's learning
   rate picked from a small grid on a validation split carved from the training data (the test
   set is not looked at), then ``convergence_epochs`` epochs with one cosine schedule for all,
@@ -56,10 +58,18 @@ def run_families(ctx: Context) -> dict[str, Any]:
                         entry["figures"].append(path)
         entry["preconditioned"] = {r["optimizer"]: r["preconditioned_fraction"]
                                    for r in entry["seed_runs"][0]["runs"]}
+    return doc
+
+
+def run_steps(ctx: Context) -> dict[str, Any]:
+    """Interleaved step times per model (:func:`natgrad.bench.steps.interleaved_step_times`)."""
+    s = ctx.settings
+    doc: dict[str, Any] = {"optimizers": list(FAMILY_OPTIMIZERS), "models": {}}
+    for model in s.step_models:
         ctx.note(f"{model}: step times, optimizers taking turns")
-        entry["interleaved"] = interleaved_step_times(StepConfig(
-            model, FAMILY_DATA[model], FAMILY_OPTIMIZERS, rounds=s.family_step_rounds,
-            warmup=min(3, s.family_step_rounds)))
+        doc["models"][model] = interleaved_step_times(StepConfig(
+            model, FAMILY_DATA[model], FAMILY_OPTIMIZERS, rounds=s.step_rounds,
+            warmup=min(3, s.step_rounds)))
     return doc
 
 

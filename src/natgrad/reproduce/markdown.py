@@ -18,15 +18,15 @@ from .sections import (
     parity_md,
     scaling_md,
     stability_md,
+    steps_md,
     timing_md,
     timing_ratios,
     timing_rows,
 )
 
 __all__ = ["DASH", "analysis_md", "convergence_md", "families_md", "figure", "md_table",
-           "mean_std", "num", "parity_md", "pm",
-           "ratio", "results_md", "scaling_md", "stability_md", "timing_md", "timing_ratios",
-           "timing_rows"]
+           "mean_std", "num", "parity_md", "pm", "ratio", "results_md", "scaling_md",
+           "stability_md", "steps_md", "timing_md", "timing_ratios", "timing_rows"]
 
 RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "parity": parity_md,
@@ -37,6 +37,7 @@ RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "analysis": analysis_md,
     "peers": peers_md,
     "families": families_md,
+    "steps": steps_md,
     "convergence": convergence_md,
     "discussion": lambda doc: doc["text"].strip(),
 }

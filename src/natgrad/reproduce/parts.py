@@ -10,7 +10,7 @@ from typing import Any
 from .capacity import run_capacity
 from .context import Context, PartUnavailable, available_optimizers
 from .curvature import run_analysis, run_scaling, run_stability
-from .families import run_convergence, run_families
+from .families import run_convergence, run_families, run_steps
 from .peers import run_peers
 from .training import WIDE_VARIANTS, compare, run_parity, run_timing, run_wide
 
@@ -32,6 +32,7 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "analysis": run_analysis,
     "peers": run_peers,
     "families": run_families,
+    "steps": run_steps,
     "convergence": run_convergence,
     "discussion": run_discussion,
 }

@@ -308,23 +308,32 @@ def families_md(doc: Mapping[str, Any]) -> str:
                  "e.g. attention's fused layers if any, take the plain step of the optimizer):")
     parts.append(md_table(["model", *opts], rows))
     for model, m in doc["models"].items():
+        parts.append(f"**{model}**, wall time of the training runs above over SGD's (mean ± std "
+                     "over seeds; step times measured with the optimizers taking turns are in "
+                     "the next part):")
         walls = timing_ratios(m["seed_runs"])
-        inter = {r["optimizer"]: r for r in m.get("interleaved", {}).get("runs", [])}
-        rows = []
-        for opt in opts:
-            r = inter.get(opt, {})
-            q = r.get("ratio_quartiles")
-            rows.append([opt, None if not r else 1e3 * r["step_time_s_median"],
-                         DASH if not r else f"{num(r['ratio_median'])}× "
-                         f"({num(q[0])}–{num(q[1])})",
-                         pm(walls.get(opt, {}).get("wall_ratio", []), suffix="×")])
-        rounds = m.get("interleaved", {}).get("rounds")
-        parts.append(f"**{model}**: step time with the optimizers taking turns step by step on "
-                     f"the same batches ({rounds} rounds, median; ratio: median over rounds of "
-                     "the step time over SGD's in the same round, interquartile range in "
-                     "brackets); wall time of the training runs above over SGD's (mean ± std "
-                     "over seeds):")
-        parts.append(md_table(["optimizer", "step ms", "step / SGD", "wall / SGD"], rows))
+        parts.append(md_table(["optimizer", "wall / SGD"],
+                              [[o, pm(walls.get(o, {}).get("wall_ratio", []), suffix="×")]
+                               for o in opts]))
+    return "\n\n".join(parts)
+
+
+def steps_md(doc: Mapping[str, Any]) -> str:
+    """One table per model: median step time and the median per-round ratio to SGD."""
+    parts = ["Every optimizer trains its own copy of the same initial model on the same batches; "
+             "in every round each takes one step (forward, backward, `step()`, curvature steps "
+             "included at their share of the rounds), the order rotating from round to round. "
+             "Ratio: the median over rounds of the step time over SGD's in the same round "
+             "(interquartile range in brackets), so a load that drifts over minutes on a shared "
+             "machine cancels out. `natgrad bench steps --model NAME` measures one model."]
+    for model, m in doc["models"].items():
+        cfg = m["config"]
+        rows = [[r["optimizer"], 1e3 * r["step_time_s_median"],
+                 f"{num(r['ratio_median'])}× ({num(r['ratio_quartiles'][0])}–"
+                 f"{num(r['ratio_quartiles'][1])})"] for r in m["runs"]]
+        parts.append(f"**{model}** on {cfg['data']}, batch {cfg['batch_size']}, {m['rounds']} "
+                     f"rounds, {cfg['threads']} thread(s):")
+        parts.append(md_table(["optimizer", "step ms", "step / SGD"], rows))
     return "\n\n".join(parts)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 
 #: the parts, in the order of docs/RESULTS.md
 PARTS = ("parity", "timing", "scaling", "capacity", "stability", "analysis", "peers",
-         "families", "convergence", "discussion")
+         "families", "steps", "convergence", "discussion")
 PART_TITLES = {
     "parity": "1. Accuracy parity",
     "timing": "2. Time to target and step time, relative to SGD",
@@ -19,8 +19,9 @@ PART_TITLES = {
     "analysis": "6. Fisher analysis of a trained CNN",
     "peers": "7. Fisher analysis side by side with BackPACK and curvlinops",
     "families": "8. Whole networks: a ResNet with BatchNorm and a causal transformer",
-    "convergence": "9. Training to convergence with tuned learning rates",
-    "discussion": "10. Discussion",
+    "steps": "9. Step time of whole networks, the optimizers taking turns",
+    "convergence": "10. Training to convergence with tuned learning rates",
+    "discussion": "11. Discussion",
 }
 #: optimizers of the parity and timing tables; those not registered at run time are listed as
 #: missing
@@ -49,7 +50,7 @@ class Settings:
         tracking_optimizers, tracking_samples: curvature tracked over training.
         peers_samples, peers_repeats, peers_memory: the side-by-side analysis benchmark.
         family_models, family_epochs: the ResNet / transformer equal-epoch tables.
-        family_step_rounds: rounds of the interleaved step-time measurement per family.
+        step_models, step_rounds: the interleaved step-time measurement (rounds per model).
         convergence_models, convergence_epochs: training to convergence (cosine schedule).
         grid_epochs, validation: the learning-rate grid, on the last ``validation`` training
             samples.
@@ -90,7 +91,8 @@ class Settings:
     peers_memory: bool = True
     family_models: tuple[str, ...] = ("resnet8", "transformer")
     family_epochs: int = 3
-    family_step_rounds: int = 60
+    step_models: tuple[str, ...] = ("cnn", "resnet8", "transformer")
+    step_rounds: int = 60
     convergence_models: tuple[str, ...] = ("cnn", "resnet8", "transformer")
     convergence_epochs: int = 30
     grid_epochs: int = 5
@@ -129,7 +131,7 @@ QUICK = Settings(
     peers_samples=256,
     peers_repeats=1,
     family_epochs=1,
-    family_step_rounds=20,
+    step_rounds=20,
     convergence_models=("transformer",),
     convergence_epochs=2,
     grid_epochs=1,
@@ -170,7 +172,8 @@ TINY = Settings(
     peers_memory=False,
     family_models=("transformer",),
     family_epochs=1,
-    family_step_rounds=3,
+    step_models=("transformer",),
+    step_rounds=3,
     convergence_models=("transformer",),
     convergence_epochs=1,
     grid_epochs=1,
@@ -270,6 +273,12 @@ def estimate(settings: Settings, parts: tuple[str, ...] | list[str],
         est["families"] = sum(_epochs_cost(m, FAMILY_OPTIMIZERS, s.family_epochs + 0.3,
                                            s.limit_train.get(m))
                               for m in s.family_models) * len(s.seeds)
+    if "steps" in parts:
+        from .families import FAMILY_DATA, FAMILY_OPTIMIZERS
+
+        # one round = one step of every optimizer; a 4,000-sample epoch has 32 steps
+        est["steps"] = sum(_epochs_cost(m, FAMILY_OPTIMIZERS, (s.step_rounds + 3) / 32, None)
+                           for m in s.step_models if m in FAMILY_DATA)
     if "convergence" in parts:
         from .families import CONVERGENCE_OPTIMIZERS, LR_GRID
 
