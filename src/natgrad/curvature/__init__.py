@@ -10,7 +10,15 @@
 """
 
 from ..blocks import LayerStatistics
-from .data import Gram, check_deterministic, count_samples, data_statistics, iter_chunks, pullbacks
+from .data import (
+    Gram,
+    StatisticSums,
+    check_deterministic,
+    count_samples,
+    data_statistics,
+    iter_chunks,
+    pullbacks,
+)
 from .engine import KroneckerCurvature, check_factor_dtype, factor_dtype_for
 from .hooks import ACCUMULATIONS, LOSS_REDUCTIONS, CaptureReport, CurvatureCapture, HookCapture
 from .outputs import check_output_key, find_output, replace_output
@@ -25,6 +33,7 @@ __all__ = [
     "CaptureReport",
     "CurvatureCapture",
     "Gram",
+    "StatisticSums",
     "HookCapture",
     "KroneckerCurvature",
     "LayerStatistics",

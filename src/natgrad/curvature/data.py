@@ -259,6 +259,47 @@ def gram64(X: Tensor, block: int = 4096) -> Tensor:
     return out + (tail.T @ tail).double()
 
 
+class StatisticSums:
+    """Per layer ``(Σ āāᵀ, Σ ggᵀ, T)`` as :class:`Gram` sums, fed one chunk at a time: its
+    layer inputs (:meth:`add_inputs`), then the gradients at the layer outputs of each output
+    direction (:meth:`add_direction`). :func:`data_statistics` drives it from its own pass;
+    :meth:`natgrad.fisher.rows.RowFisher.from_ggn` feeds it from the pull-backs it makes anyway
+    (one pass for both)."""
+
+    def __init__(self, layers: dict[str, LayerHelper]) -> None:
+        self.layers = layers
+        self.sums: dict[str, list[Any]] = {}
+        self.num_samples = 0
+        self._kept: dict[str, Any] = {}
+
+    def add_inputs(self, m: int, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> None:
+        """A chunk of ``m`` samples: per layer its input ``(m, ...)`` and its output (or a tensor
+        of the output's shape, e.g. on the ``meta`` device: only the shape is read by the
+        Linear / Conv2d helpers); layers not in :attr:`layers` are ignored."""
+        self.num_samples += m
+        self._kept = {}
+        for n, a in inputs.items():
+            helper = self.layers.get(n)
+            if helper is None:
+                continue
+            self._kept[n] = helper.record(a, outputs[n])
+            s = self.sums.setdefault(n, [Gram(helper.diagonal_input), Gram(),
+                                         helper.locations(outputs[n])])
+            s[0].add(helper.a_rows(self._kept[n]))
+
+    def add_direction(self, grads: dict[str, Tensor]) -> None:
+        """One output direction of the current chunk: layer name → the gradient at its output
+        ``(m, ...)``."""
+        for n, g in grads.items():
+            if n in self._kept:
+                self.sums[n][1].add(self.layers[n].g_rows(g[None], self._kept[n]))
+
+    def result(self) -> tuple[dict[str, tuple[Gram, Gram, int]], int]:
+        """``(stats, N)`` as :func:`data_statistics` returns them."""
+        stats = {n: (s[0], s[1], s[2]) for n, s in self.sums.items() if not s[1].empty}
+        return stats, self.num_samples
+
+
 def data_statistics(
     model: nn.Module,
     layers: dict[str, LayerHelper],
@@ -270,20 +311,11 @@ def data_statistics(
     """Per layer ``(Σ āāᵀ, Σ ggᵀ, T)`` over ``data`` as :class:`Gram` sums (``T``: locations per
     sample), and ``N``, the number of samples. ``kwargs``: those of :func:`pullbacks`."""
     check_deterministic(model)
-    sums: dict[str, list[Any]] = {}
-    total = 0
+    sums = StatisticSums(layers)
     for m, inputs, outputs, grads in pullbacks(model, layers, data, likelihood, fisher,
                                                **kwargs):
-        total += m
-        kept = {}
-        for n, a in inputs.items():
-            helper = layers[n]
-            kept[n] = helper.record(a, outputs[n])
-            s = sums.setdefault(n, [Gram(helper.diagonal_input), Gram(),
-                                    helper.locations(outputs[n])])
-            s[0].add(helper.a_rows(kept[n]))
-        for n, g in grads.items():
-            for g_r in g:  # one direction at a time: the same sums as before
-                sums[n][1].add(layers[n].g_rows(g_r[None], kept[n]))
-    stats = {n: (s[0], s[1], s[2]) for n, s in sums.items() if not s[1].empty}
-    return stats, total
+        sums.add_inputs(m, inputs, outputs)
+        R = max((len(g) for g in grads.values()), default=0)
+        for r in range(R):  # one direction at a time: the same sums as before
+            sums.add_direction({n: g[r] for n, g in grads.items()})
+    return sums.result()

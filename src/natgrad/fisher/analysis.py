@@ -20,7 +20,7 @@ from ..curvature import discover
 from ..factors import ProjectedOptions
 from ._model import Data
 from .ggn import EmpiricalFisher, ExactFisher, GGNOperator, MCFisher
-from .kfac import KFACOperator, layer_statistics, layer_traces
+from .kfac import KFACOperator, layer_statistics, layer_traces, rows_and_statistics
 from .kron import kfac_logdet, kfac_top_eigenpairs, kfac_top_eigenvalues, kfac_trace
 from .lanczos import condition_number, lanczos_topk
 from .quality import (
@@ -31,7 +31,7 @@ from .quality import (
     subspace_overlap,
 )
 from .results import Estimate
-from .rows import RowFisher, rows_summary
+from .rows import rows_summary
 from .slq import effective_dimension, quadrature, slq_logdet, spectral_density
 
 FISHERS: dict[str, type[GGNOperator]] = {
@@ -125,7 +125,8 @@ def analyze(
     stage("trace")
     # the rows of B_n J_n in memory when they fit the cache budget: later products are a few
     # matmuls per layer, not a pass through the network; they give the exact diagonal for free
-    rows = RowFisher.from_ggn(op, max_bytes=cache_bytes) if cache else None
+    # the same pass also sums the K-FAC statistics (same directions, same layer outputs)
+    rows, kfac_stats = rows_and_statistics(op, max_bytes=cache_bytes) if cache else (None, None)
     report["products"] = rows_summary(rows)
     if rows is not None:
         op = rows
@@ -179,8 +180,8 @@ def analyze(
         report["logdet"] = report["effective_dimension"] = None
 
     stage("kfac")
-    kl, stats, n = layer_statistics(model, data, loss, fisher, chunk_size, seed=seed,
-                                    output_key=output_key)
+    kl, stats, n = kfac_stats or layer_statistics(model, data, loss, fisher, chunk_size,
+                                                  seed=seed, output_key=output_key)
     if approximations is None:
         approximations = {"kfac": ("eigh", None),
                           "projected_kfac": ("projected", {"rank": projected_rank})}

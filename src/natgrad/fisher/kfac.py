@@ -25,13 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import CurvatureBlock
-from ..curvature import Gram, KroneckerCurvature, data_statistics, discover
+from ..curvature import Gram, KroneckerCurvature, StatisticSums, data_statistics, discover
 from ..factors import KroneckerFactor
 from ..layers import LayerHelper
 from ..likelihoods import get_likelihood
 from ._model import Data, check_deterministic, select_params
 from .base import LinearOperator
-from .layer_diagonal import ggn_layer_traces
+from .layer_diagonal import ggn_layer_traces, recognised_layers
+from .rows import RowFisher
 
 
 class KFACOperator(LinearOperator):
@@ -199,6 +200,44 @@ def layer_statistics(
                                chunk_size=chunk_size, mc_samples=mc_samples, seed=seed,
                                output_key=output_key)
     return layers, stats, n
+
+
+def rows_and_statistics(
+    op: Any, max_bytes: int | None = None,
+) -> tuple[RowFisher | None, tuple[dict[str, LayerHelper], dict[str, tuple[Tensor, Tensor, int]],
+                                   int] | None]:
+    """:meth:`RowFisher.from_ggn` and :func:`layer_statistics` of the same data from **one**
+    pass: the K-FAC statistics ``(Σ āāᵀ, Σ ggᵀ)`` are sums over the same layer inputs and the
+    same output directions pulled back to the same layer outputs as the rows (``"exact"``: the
+    Hessian square root; ``"mc"``: the labels drawn per chunk from ``seed + i``; ``"empirical"``),
+    so they are fed the rows' pass (:class:`natgrad.curvature.StatisticSums`).
+
+    Args:
+        op: a :class:`~natgrad.fisher.ggn.GGNOperator` on every trainable parameter.
+        max_bytes: the rows' budget, as for :meth:`RowFisher.from_ggn`.
+
+    Returns:
+        ``(rows, statistics)``: ``statistics`` is ``(layers, stats, N)`` as
+        :func:`layer_statistics` would return them for ``(op.model, op.data, op.loss,
+        op.fisher, op.chunk_size)`` (and the operator's ``mc_samples`` / ``seed``), or ``None``
+        when the pass cannot serve them (rows over budget, a K-FAC layer the rows do not pull
+        back to, an operator on a subset of the parameters); then call
+        :func:`layer_statistics`.
+    """
+    model = op.model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    layers = discover(model, trainable).layers
+    slots = recognised_layers(op)
+    shared = (len(op.names) == len(trainable) and all(
+        n in slots and slots[n].helper.module is h.module for n, h in layers.items()))
+    if not shared:
+        return RowFisher.from_ggn(op, max_bytes=max_bytes), None
+    sums = StatisticSums(layers)
+    rows = RowFisher.from_ggn(op, max_bytes=max_bytes, statistics=sums)
+    if rows is None:
+        return None, None
+    stats, n = sums.result()
+    return rows, (layers, stats, n)
 
 
 def _side(stat: Any, moment: bool) -> Tensor:
