@@ -13,8 +13,9 @@ from natgrad.cli.main import main
 
 
 def test_ratios_are_per_round_and_the_reference_is_one():
-    doc = interleaved_step_times(StepConfig("mlp", "mnist5k", ("sgd", "pkfac"), rounds=4,
-                                            warmup=1, batch_size=16))
+    doc = interleaved_step_times(StepConfig("mlp", "mnist5k", ("sgd", "pkfac"), hidden=(16,),
+                                            rounds=4, warmup=1, batch_size=16))
+    assert doc["params"] == 784 * 16 + 16 + 16 * 10 + 10
     ref, other = doc["runs"]
     assert ref["optimizer"] == "sgd" and ref["ratio_median"] == 1.0
     assert ref["ratio_quartiles"] == [1.0, 1.0]
@@ -76,7 +77,7 @@ def test_cli(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "transformer on majority" in out and "step / sgd (IQR)" in out
+    assert "transformer (102,152 parameters) on majority" in out and "step / sgd (IQR)" in out
     doc = json.loads((tmp_path / "steps.json").read_text())
     assert [r["optimizer"] for r in doc["runs"]] == ["sgd", "pkfac"]
     assert main(["bench", "steps", "--optimizers", "sgd", "--out", str(tmp_path)]) == 2

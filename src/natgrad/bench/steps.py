@@ -33,6 +33,7 @@ class StepConfig:
         model: registry name of the network.
         data: data set name (its training split gives the batches).
         optimizers: registry names; the first is the reference of the ratios (normally ``sgd``).
+        hidden: widths of a model that takes them (``None``: the registry default).
         rounds: timed rounds (each optimizer steps once per round).
         warmup: untimed rounds first (lazy allocations, the first curvature refresh).
         batch_size: samples per step.
@@ -42,6 +43,7 @@ class StepConfig:
     model: str
     data: str
     optimizers: tuple[str, ...]
+    hidden: tuple[int, ...] | None = None
     rounds: int = 60
     warmup: int = 3
     batch_size: int = 128
@@ -70,7 +72,7 @@ def interleaved_step_times(cfg: StepConfig) -> dict[str, Any]:
     kind = spec.loss_kind
     loss_fn = get_loss(kind).fn
     torch.manual_seed(cfg.seed)
-    initial = build_model(cfg.model, train.info)
+    initial = build_model(cfg.model, train.info, cfg.hidden)
     models, opts = {}, {}
     for name in cfg.optimizers:
         models[name] = copy.deepcopy(initial)
@@ -106,7 +108,9 @@ def interleaved_step_times(cfg: StepConfig) -> dict[str, Any]:
         runs.append({"optimizer": name, "step_time_s_median": statistics.median(times[name]),
                      "ratio_median": statistics.median(ratios), "ratio_quartiles": [q[0], q[2]]})
     return {"config": {**cfg.__dict__, "optimizers": list(cfg.optimizers),
+                       "hidden": None if cfg.hidden is None else list(cfg.hidden),
                        "threads": torch.get_num_threads()},
+            "params": sum(p.numel() for p in initial.parameters()),
             "rounds": cfg.rounds, "runs": runs}
 
 
@@ -119,6 +123,8 @@ def format_steps(doc: dict[str, Any]) -> str:
     rows = [[r["optimizer"], f"{1e3 * r['step_time_s_median']:.1f}",
              f"{r['ratio_median']:.2f}x ({r['ratio_quartiles'][0]:.2f}-"
              f"{r['ratio_quartiles'][1]:.2f})"] for r in doc["runs"]]
-    head = (f"{cfg['model']} on {cfg['data']}, batch {cfg['batch_size']}, {doc['rounds']} rounds "
-            f"taking turns, {cfg['threads']} threads")
+    widths = "" if not cfg.get("hidden") else f" {'-'.join(map(str, cfg['hidden']))}"
+    head = (f"{cfg['model']}{widths} ({doc['params']:,} parameters) on {cfg['data']}, "
+            f"batch {cfg['batch_size']}, {doc['rounds']} rounds taking turns, "
+            f"{cfg['threads']} threads")
     return head + "\n" + format_table(["optimizer", "step ms", f"step / {ref} (IQR)"], rows)

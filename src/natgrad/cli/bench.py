@@ -10,7 +10,14 @@ import argparse
 import math
 from pathlib import Path
 
-from .common import UsageError, check_output_dir, describe, parse_names, split_list
+from .common import (
+    UsageError,
+    check_output_dir,
+    describe,
+    parse_names,
+    parse_widths,
+    split_list,
+)
 
 DEFAULT_WIDTHS = "256,512,1024,2048,4096"
 DEFAULT_RANKS = "32,64"
@@ -81,6 +88,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "times and the median per-round ratio to the first optimizer.")
     st.add_argument("--model", default="resnet8", choices=list(MODELS),
                     help="network (default resnet8)")
+    st.add_argument("--hidden", metavar="W1,W2,...",
+                    help="widths of a model that takes them (e.g. 16384,16384 for the MLP)")
     st.add_argument("--data", metavar="NAME",
                     help="data set (default mnist5k; majority for the transformer)")
     st.add_argument("--optimizers", default="sgd,adamw,kfac,pkfac,pkfac+adamw",
@@ -246,7 +255,9 @@ def run_steps_cmd(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    doc = interleaved_step_times(StepConfig(args.model, data, tuple(names), rounds=args.rounds,
+    hidden = None if args.hidden is None else parse_widths(args.hidden)
+    doc = interleaved_step_times(StepConfig(args.model, data, tuple(names), hidden=hidden,
+                                            rounds=args.rounds,
                                             warmup=args.warmup, batch_size=args.batch_size,
                                             seed=args.seed))
     print(format_steps(doc))
