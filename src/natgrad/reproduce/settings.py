@@ -74,7 +74,7 @@ class Settings:
     capacity_optimizers: tuple[str, ...] = ("sgd", "adam", "kfac", "pkfac", "pkfac-every")
     capacity_steps: int = 20
     capacity_warmup: int = 3
-    capacity_time_budget_s: float = 600.0
+    capacity_time_budget_s: float = 300.0
     capacity_memory_budget_gib: float = 20.0
     stability_dampings: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
     stability_seeds: tuple[int, ...] = (0, 1, 2)
