@@ -125,3 +125,22 @@ def test_slq_error_bar_covers_the_quadrature_bias():
     short = slq_logdet(op, damping=damping, probes=8, steps=5, seed=0)
     long = slq_logdet(op, damping=damping, probes=8, steps=60, seed=0)
     assert long.bias < 0.1 * short.bias  # the quadrature error vanishes with the steps
+
+
+def test_quadrature_caps_the_bases_it_holds(monkeypatch):
+    import natgrad.fisher.slq as slq
+
+    M, _, _ = random_psd(n=60)
+    op = Dense(M)
+    widths = []
+    real = slq.tridiagonalize
+    monkeypatch.setattr(slq, "tridiagonalize",
+                        lambda op, V, steps: widths.append(V.shape[1]) or real(op, V, steps))
+    two_runs = 2 * 10 * 60 * 8  # bytes of two float64 bases of 10 steps
+    capped = quadrature(op, probes=5, steps=10, seed=3, max_basis_bytes=two_runs)
+    assert widths == [2, 2, 1]
+    widths.clear()
+    one = quadrature(op, probes=5, steps=10, seed=3, max_basis_bytes=1)  # at least one run
+    assert widths == [1] * 5
+    assert torch.equal(one.nodes, quadrature(op, probes=5, steps=10, seed=3, batch=1).nodes)
+    assert capped.nodes.shape == one.nodes.shape == (5, 10)

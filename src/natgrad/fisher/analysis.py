@@ -166,7 +166,8 @@ def analyze(
         # the top-k run started from a Gaussian vector: an unbiased SLQ probe when long enough
         reuse = top.alpha is not None and top.alpha.numel() >= min(slq_steps, op.dim)
         runs = [(top.alpha, top.beta)] if reuse else []
-        quad = quadrature(op, probes=probes, steps=slq_steps, seed=seed + 1, runs=runs)
+        quad = quadrature(op, probes=probes, steps=slq_steps, seed=seed + 1, runs=runs,
+                          max_basis_bytes=cache_bytes)
         dens = spectral_density(quad=quad, num_points=400, log_grid=True)
         report["logdet"] = _est(slq_logdet(quad=quad, damping=damping))
         report["effective_dimension"] = _est(effective_dimension(quad=quad, z=damping))

@@ -16,8 +16,14 @@ from .trace import rademacher
 
 
 def quadrature(op: LinearOperator, probes: int = 4, steps: int = 40, seed: int = 0,
-               batch: int = 4, runs: Sequence[tuple[Tensor, Tensor]] = ()) -> Quadrature:
+               batch: int = 4, runs: Sequence[tuple[Tensor, Tensor]] = (),
+               max_basis_bytes: int | None = None) -> Quadrature:
     """Nodes and weights of ``probes`` Lanczos runs of ``steps`` steps.
+
+    Up to ``batch`` fresh runs go together (one multi-column product per step); each keeps its
+    ``(steps, P)`` basis for the reorthogonalisation, so ``max_basis_bytes`` caps
+    ``batch · steps · P`` (at least one run at a time): on a 20M-parameter network four runs of
+    40 steps would hold 12.8 GB of bases.
 
     ``runs``: tridiagonals ``(alpha, beta)`` of Lanczos runs already made from isotropic random
     start vectors (Gaussian, e.g. :attr:`Eigenpairs.alpha` / ``beta`` of
@@ -29,6 +35,9 @@ def quadrature(op: LinearOperator, probes: int = 4, steps: int = 40, seed: int =
     tridiagonals = [(a[:steps].double(), b[:max(steps - 1, 0)].double())
                     for a, b in list(runs)[:probes]]
     fresh = probes - len(tridiagonals)
+    if max_basis_bytes is not None:
+        per_run = steps * op.dim * torch.empty((), dtype=op.dtype).element_size()
+        batch = max(1, min(batch, max_basis_bytes // max(per_run, 1)))
     for s in range(0, fresh, batch):
         V = rademacher(op.dim, min(batch, fresh - s), gen, op.dtype).to(op.device)
         alpha, beta, _ = tridiagonalize(op, V, steps)
