@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ._optional import MissingExtraError, require
+
+
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages, rounded (``None`` where the OS has none): the
+    benches record them, since a loaded machine slows multi-threaded steps with many small
+    operations most (threads wait for a busy core at each one)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None
 
 
 def fmt(value: Any, digits: int = 4) -> str:

@@ -62,7 +62,14 @@ from typing import Any
 import torch
 
 from ..progress import progress_bar
-from ..report import format_table, optional_figures, pyplot, save_figure, write_json
+from ..report import (
+    format_table,
+    load_average,
+    optional_figures,
+    pyplot,
+    save_figure,
+    write_json,
+)
 
 #: the optimizers of the default run
 DEFAULT_OPTIMIZERS = ("sgd", "adam", "kfac", "pkfac", "pkfac-every")
@@ -474,15 +481,6 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             r["ratio_to_sgd"] = r["step_time_s_median"] / ref
 
 
-def _load() -> list[float] | None:
-    """The 1-, 5- and 15-minute load averages (a loaded machine slows multi-threaded steps
-    with many small operations most: threads wait for a busy core at each one)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every platform
-        return None
-
-
 def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor()
             or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -501,7 +499,7 @@ def run_capacity(cfg: CapacityConfig, out: str | Path | None = None, progress: b
     stopped: dict[tuple[str, str], tuple[str, int]] = {}  # (model, optimizer) → (status, width)
     params_of: dict[tuple[str, tuple[int, ...]], int] = {}
     polled = False
-    t_start, load_before = time.perf_counter(), _load()
+    t_start, load_before = time.perf_counter(), load_average()
     bar = progress_bar(total=len(jobs), desc="bench capacity", disable=not progress,
                        leave=False, dynamic_ncols=True)
     try:
@@ -553,7 +551,7 @@ def run_capacity(cfg: CapacityConfig, out: str | Path | None = None, progress: b
             "data": "mnist5k (embedded), float32",
             "total_time_s": time.perf_counter() - t_start,
             "load_average_before": load_before,
-            "load_average_after": _load(),
+            "load_average_after": load_average(),
         },
         "config": json.loads(json.dumps(asdict(cfg))),  # tuples as lists, as in the file
         "rows": rows,

@@ -32,7 +32,7 @@ import torch
 
 from ..factors import STRATEGIES, KroneckerFactor, get_strategy, precondition
 from ..progress import progress_bar
-from ..report import format_table, optional_figures, pyplot, save_figure, write_json
+from ..report import format_table, load_average, optional_figures, pyplot, save_figure, write_json
 
 
 def strategy_names() -> tuple[str, ...]:
@@ -183,13 +183,6 @@ def _slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx > 0 else None
 
 
-def _load() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every platform
-        return None
-
-
 def run_scaling(cfg: ScalingConfig, out: str | Path | None = None,
                 progress: bool = True) -> dict[str, Any]:
     """Measure every configuration; write ``scaling.json`` and ``scaling.png`` under ``out``.
@@ -205,7 +198,7 @@ def run_scaling(cfg: ScalingConfig, out: str | Path | None = None,
     n_cases = len(cfg.widths) * sum(len(cfg.ranks) if takes_rank(s) else 1
                                     for s in cfg.strategies)
     results: list[dict[str, Any]] = []
-    load_before = _load()
+    load_before = load_average()
     bar = progress_bar(total=n_cases * cfg.repeats, desc="bench scaling", disable=not progress,
                leave=False, dynamic_ncols=True)
     try:
@@ -280,7 +273,7 @@ def run_scaling(cfg: ScalingConfig, out: str | Path | None = None,
                       "(update + refresh), precondition_time_s one d x d gradient through both "
                       "factors",
             "load_average_before": load_before,
-            "load_average_after": _load(),
+            "load_average_after": load_average(),
         },
         "results": results,
         "slopes": slopes,
