@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import natgrad
 from natgrad.data import dataset_info, load_dataset
 from natgrad.losses import get_loss
-from natgrad.models import MODELS, build_model, loss_kind
+from natgrad.models import MODELS, build_model, default_dataset, loss_kind
 from natgrad.optim import make_optimizer
 
 
@@ -52,8 +52,7 @@ def test_transformer_trains_with_every_fisher(fisher):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_pkfac_in_front_of_adamw_trains_every_model_of_the_registry(name):
     torch.manual_seed(0)
-    data = "majority" if MODELS[name].needs_tokens else "mnist5k"
-    train, _ = load_dataset(data)
+    train, _ = load_dataset(default_dataset(name))
     model = build_model(name, train.info, hidden=(16, 4) if name == "autoencoder" else None)
     kind = loss_kind(name)
     opt = make_optimizer("pkfac+adamw", model, lr=3e-3, loss_kind=kind)

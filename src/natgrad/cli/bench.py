@@ -236,7 +236,7 @@ def run_stability_cmd(args: argparse.Namespace) -> int:
 
 def run_steps_cmd(args: argparse.Namespace) -> int:
     """Validate, measure, print the table, write ``steps.json``."""
-    from ..models import MODELS
+    from ..models import default_dataset
     from ..optim.registry import OPTIMIZERS
 
     _positive(args, "rounds", "batch_size", "threads")
@@ -245,7 +245,7 @@ def run_steps_cmd(args: argparse.Namespace) -> int:
     names = parse_names(args.optimizers, OPTIMIZERS, "optimizer")
     if len(names) < 2:
         raise UsageError(f"--optimizers needs at least two optimizers, got {args.optimizers!r}")
-    data = args.data or ("majority" if MODELS[args.model].needs_tokens else "mnist5k")
+    data = args.data or default_dataset(args.model)
     check_output_dir(args.out, "--out")
 
     import torch

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from ..data import DATASETS, DataError
-from ..models import MODELS
+from ..models import MODELS, default_dataset
 from ..optim.registry import OPTIMIZERS
 from .common import (
     UsageError,
@@ -97,7 +97,7 @@ def validate(args: argparse.Namespace):  # -> CompareConfig
     lrs = parse_lrs(args.lr, names)
     hidden = parse_widths(args.hidden) if args.hidden is not None else None
     if args.data is None:
-        args.data = "majority" if MODELS[args.model].needs_tokens else "mnist5k"
+        args.data = default_dataset(args.model)
     try:
         cfg = CompareConfig(
             model=args.model, hidden=hidden, data=args.data, data_dir=args.data_dir,

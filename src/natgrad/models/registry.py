@@ -132,6 +132,12 @@ def loss_kind(name: str) -> str:
     return get_model_spec(name).loss_kind
 
 
+def default_dataset(name: str) -> str:
+    """The data set a registered model uses when none is named: the generated ``majority``
+    sequences for token models, the embedded ``mnist5k`` sample otherwise."""
+    return "majority" if get_model_spec(name).needs_tokens else "mnist5k"
+
+
 def check_model_args(name: str, info: DatasetInfo, hidden: Sequence[int] | None) -> ModelSpec:
     """Validate a model / data-set / widths combination; ``ValueError`` saying what is wrong."""
     spec = get_model_spec(name)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..bench.steps import StepConfig, interleaved_step_times
+from ..models import default_dataset
 from .context import Context
 from .training import compare, metric
 
@@ -27,8 +28,6 @@ from .training import compare, metric
 FAMILY_OPTIMIZERS = ("sgd", "adamw", "kfac", "pkfac", "pkfac+adamw")
 #: the optimizers of the convergence runs
 CONVERGENCE_OPTIMIZERS = ("sgd", "adamw", "kfac", "pkfac")
-#: model → data set of the family and convergence parts
-FAMILY_DATA = {"cnn": "mnist5k", "resnet8": "mnist5k", "transformer": "majority"}
 #: the learning-rate grid per optimizer (the registry default in the middle)
 LR_GRID = {"sgd": (0.02, 0.05, 0.1), "adamw": (3e-4, 1e-3, 3e-3),
            "kfac": (0.03, 0.1, 0.3), "pkfac": (0.03, 0.1, 0.3)}
@@ -41,13 +40,13 @@ def run_families(ctx: Context) -> dict[str, Any]:
                            "missing": [], "models": {}}
     for model in s.family_models:
         entry: dict[str, Any] = {"epochs": s.family_epochs, "metric": metric(model),
-                                 "data": FAMILY_DATA[model], "seed_runs": [], "figures": []}
+                                 "data": default_dataset(model), "seed_runs": [], "figures": []}
         doc["models"][model] = entry
         for seed in s.seeds:
             ctx.note(f"{model} seed {seed}")
             out = ctx.work / "families" / f"{model}-seed{seed}"
             res = compare(ctx, model, FAMILY_OPTIMIZERS, s.family_epochs, seed, out,
-                          data=FAMILY_DATA[model])
+                          data=default_dataset(model))
             entry["seed_runs"].append({"seed": seed, "config": res["config"],
                                        "runs": res["runs"]})
             entry["num_params"] = res["runs"][0]["num_params"]
@@ -68,7 +67,7 @@ def run_steps(ctx: Context) -> dict[str, Any]:
     for model in s.step_models:
         ctx.note(f"{model}: step times, optimizers taking turns")
         doc["models"][model] = interleaved_step_times(StepConfig(
-            model, FAMILY_DATA[model], FAMILY_OPTIMIZERS, rounds=s.step_rounds,
+            model, default_dataset(model), FAMILY_OPTIMIZERS, rounds=s.step_rounds,
             warmup=min(3, s.step_rounds)))
     return doc
 
@@ -88,7 +87,7 @@ def run_convergence(ctx: Context) -> dict[str, Any]:
                            "epochs": s.convergence_epochs, "grid_epochs": s.grid_epochs,
                            "validation": s.validation, "schedule": "cosine", "models": {}}
     for model in s.convergence_models:
-        data = FAMILY_DATA[model]
+        data = default_dataset(model)
         grid: dict[str, dict[str, float]] = {}
         for opt in CONVERGENCE_OPTIMIZERS:
             scores = {}

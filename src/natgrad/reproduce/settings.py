@@ -274,11 +274,11 @@ def estimate(settings: Settings, parts: tuple[str, ...] | list[str],
                                            s.limit_train.get(m))
                               for m in s.family_models) * len(s.seeds)
     if "steps" in parts:
-        from .families import FAMILY_DATA, FAMILY_OPTIMIZERS
+        from .families import FAMILY_OPTIMIZERS
 
         # one round = one step of every optimizer; a 4,000-sample epoch has 32 steps
         est["steps"] = sum(_epochs_cost(m, FAMILY_OPTIMIZERS, (s.step_rounds + 3) / 32, None)
-                           for m in s.step_models if m in FAMILY_DATA)
+                           for m in s.step_models)
     if "convergence" in parts:
         from .families import CONVERGENCE_OPTIMIZERS, LR_GRID
 
