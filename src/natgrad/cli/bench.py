@@ -13,6 +13,7 @@ from pathlib import Path
 from .common import (
     UsageError,
     check_output_dir,
+    config_error,
     describe,
     parse_names,
     parse_widths,
@@ -239,27 +240,26 @@ def run_steps_cmd(args: argparse.Namespace) -> int:
     from ..models import default_dataset
     from ..optim.registry import OPTIMIZERS
 
-    _positive(args, "rounds", "batch_size", "threads")
-    if args.warmup < 0:
-        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    _positive(args, "threads")
     names = parse_names(args.optimizers, OPTIMIZERS, "optimizer")
-    if len(names) < 2:
-        raise UsageError(f"--optimizers needs at least two optimizers, got {args.optimizers!r}")
     data = args.data or default_dataset(args.model)
+    hidden = None if args.hidden is None else parse_widths(args.hidden)
     check_output_dir(args.out, "--out")
-
-    import torch
 
     from ..bench.steps import StepConfig, format_steps, interleaved_step_times
     from ..report import write_json
 
+    try:  # StepConfig checks rounds, warmup, batch size and the optimizer list
+        cfg = StepConfig(args.model, data, tuple(names), hidden=hidden, rounds=args.rounds,
+                         warmup=args.warmup, batch_size=args.batch_size, seed=args.seed)
+    except ValueError as exc:
+        raise config_error(exc, StepConfig) from None
+
+    import torch
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    hidden = None if args.hidden is None else parse_widths(args.hidden)
-    doc = interleaved_step_times(StepConfig(args.model, data, tuple(names), hidden=hidden,
-                                            rounds=args.rounds,
-                                            warmup=args.warmup, batch_size=args.batch_size,
-                                            seed=args.seed))
+    doc = interleaved_step_times(cfg)
     print(format_steps(doc))
     path = Path(args.out) / "steps.json"
     write_json(path, doc)
