@@ -154,11 +154,8 @@ def targets(dataset: ArrayDataset, reconstruct: bool) -> TensorDataset:
 def preconditioned_fraction(optimizer: Any, model: nn.Module) -> float:
     """The fraction of the model's parameters (by count) in layers natgrad preconditions for
     ``optimizer`` (0 for a first-order optimizer)."""
-    pre = getattr(optimizer, "preconditioner", None)  # a PreconditionedOptimizer's KFAC
-    if pre is None or isinstance(pre, bool):  # natgrad.KFAC has a bool ``preconditioner`` flag
-        pre = optimizer
-    curvature = getattr(pre, "curvature", None)
-    if curvature is None or not getattr(pre, "precondition", False):
+    curvature = getattr(optimizer, "curvature", None)  # natgrad.KFAC, PreconditionedOptimizer
+    if curvature is None or not getattr(optimizer, "precondition", False):
         return 0.0
     covered = {id(p) for h in curvature.layers.values() for p in h.params}
     params = list(unwrap(model).parameters())

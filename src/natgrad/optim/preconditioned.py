@@ -67,6 +67,16 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self.optimizer.step()
         return loss
 
+    @property
+    def curvature(self) -> Any:
+        """The preconditioner's :class:`~natgrad.curvature.KroneckerCurvature`."""
+        return self.preconditioner.curvature
+
+    @property
+    def precondition(self) -> bool:
+        """Whether the preconditioner preconditions (``natgrad.KFAC``'s flag)."""
+        return self.preconditioner.precondition
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.preconditioner.zero_grad(set_to_none)
         self.optimizer.zero_grad(set_to_none)
