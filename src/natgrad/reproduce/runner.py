@@ -145,6 +145,12 @@ def reproduce(settings: Settings, out: str | Path, parts: Sequence[str], command
     return 1 if failed else 0
 
 
+def _saved_docs(out: Path, statuses: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The JSON documents of the parts whose status names a file that exists under ``out``."""
+    return {p: json.loads((out / st["json"]).read_text())
+            for p, st in statuses.items() if st.get("json") and (out / st["json"]).is_file()}
+
+
 def _previous(out: Path, parts: Sequence[str], statuses: dict[str, dict[str, Any]]
               ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Statuses and documents of ``parts`` from the previous run in ``out``, where it has them
@@ -153,15 +159,10 @@ def _previous(out: Path, parts: Sequence[str], statuses: dict[str, dict[str, Any
     if not index.is_file():
         return statuses, {}
     saved = json.loads(index.read_text())
-    statuses, docs = dict(statuses), {}
-    for part in parts:
-        st = saved.get("parts", {}).get(part, {})
-        path = out / st["json"] if st.get("json") else None
-        if path is None or not path.is_file():
-            continue
-        docs[part] = json.loads(path.read_text())
-        statuses[part] = {"measured": saved.get("date"), "mode": saved.get("mode"),
-                          "command": saved.get("command"), **st}
+    old = {p: st for p, st in saved.get("parts", {}).items() if p in parts}
+    docs = _saved_docs(out, old)
+    statuses = {**statuses, **{p: {"measured": saved.get("date"), "mode": saved.get("mode"),
+                                   "command": saved.get("command"), **old[p]} for p in docs}}
     return statuses, docs
 
 
@@ -180,8 +181,7 @@ def render(out: str | Path, discussion: Path | None = None, stream: Any = None) 
         return 2
     saved = json.loads(index.read_text())
     statuses = saved.pop("parts")
-    docs = {p: json.loads((out / st["json"]).read_text())
-            for p, st in statuses.items() if st.get("json") and (out / st["json"]).is_file()}
+    docs = _saved_docs(out, statuses)
     if discussion is not None and discussion.is_file():
         docs["discussion"] = {"path": str(discussion), "text": discussion.read_text()}
     (out / "RESULTS.md").write_text(results_md(saved, statuses, docs, PART_TITLES))
