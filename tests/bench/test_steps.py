@@ -61,6 +61,8 @@ def test_taking_turns_does_not_change_a_trajectory(monkeypatch):
     ({"optimizers": ("sgd", "sgd")}, "at least two distinct"),
     ({"rounds": 0}, "rounds must be a positive integer"),
     ({"warmup": -1}, "warmup must be a non-negative integer"),
+    ({"model": "resnet8", "hidden": (8,)}, "takes no hidden widths"),
+    ({"model": "transformer"}, "needs a token-sequence data set"),
 ])
 def test_invalid_config(kw, match):
     base = {"model": "mlp", "data": "mnist5k", "optimizers": ("sgd", "kfac")}

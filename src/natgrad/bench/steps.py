@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from ..data import load_dataset
+from ..data import dataset_info, load_dataset
 from ..losses import get_loss
 from ..models import build_model, get_model_spec
+from ..models.registry import check_model_args
 from ..optim.registry import get_optimizer_spec, make_optimizer
 
 
@@ -58,6 +59,8 @@ class StepConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        # the model / data set / widths combination, before any data is loaded
+        check_model_args(self.model, dataset_info(self.data), self.hidden)
 
 
 def interleaved_step_times(cfg: StepConfig) -> dict[str, Any]:
