@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -75,6 +76,47 @@ def test_pkfac_adamw_trains_schedules_and_checkpoints(train):
     opt2.load_state_dict(saved[1])
     assert train(clone, opt2, batches[4:]) == rest
     assert losses[0] > rest[-1]
+
+
+def test_scheduler_follows_the_inner_optimizer_after_a_load(train):
+    """A load replaces the inner optimizer's groups; a scheduler made before it must still act
+    on the groups that take the step (the usual resume: make, schedule, load, load)."""
+    model = _model()
+    opt = make_optimizer("pkfac+adamw", model, lr=1e-2, loss_kind="cross_entropy")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    train(model, opt, _batches(2), sched)
+    saved = (opt.state_dict(), sched.state_dict())
+    opt2 = make_optimizer("pkfac+adamw", model, lr=1e-2, loss_kind="cross_entropy")
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
+    opt2.load_state_dict(saved[0])
+    sched2.load_state_dict(saved[1])
+    assert opt2.param_groups is opt2.optimizer.param_groups
+    assert opt2.state is opt2.optimizer.state
+    train(model, opt2, _batches(1), sched2)
+    assert opt2.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 ** 3)
+
+
+def test_failed_preconditioner_load_leaves_the_inner_optimizer_alone(train, monkeypatch):
+    model = _model()
+    opt = make_optimizer("pkfac+adamw", model, lr=1e-2, loss_kind="cross_entropy")
+    train(model, opt, _batches(2))
+    other = make_optimizer("pkfac+adamw", _model(seed=3), lr=3e-2, loss_kind="cross_entropy")
+    before = copy.deepcopy(opt.optimizer.state_dict())
+
+    def broken(state):
+        raise RuntimeError("preconditioner load failed")
+
+    monkeypatch.setattr(opt.preconditioner, "load_state_dict", broken)
+    with pytest.raises(RuntimeError, match="preconditioner load failed"):
+        opt.load_state_dict(other.state_dict())
+    after = opt.optimizer.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for k, st in before["state"].items():
+        for name, value in st.items():
+            torch.testing.assert_close(after["state"][k][name], value, rtol=0, atol=0)
+    assert opt.param_groups is opt.optimizer.param_groups
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
 
 
 def test_preconditioned_adamw_differs_from_adamw(train):

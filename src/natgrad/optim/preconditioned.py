@@ -13,7 +13,8 @@ It is a ``torch.optim.Optimizer`` whose ``param_groups`` and ``state`` *are* the
 optimizer's, so LR schedulers, gradient clipping and ``GradScaler.step`` work unchanged (the
 preconditioner's KL-clip uses the inner optimizer's current learning rate, its first group's);
 ``zero_grad`` and ``state_dict`` / ``load_state_dict`` cover both parts (a load validates the
-preconditioner's state before changing anything).
+preconditioner's state before changing anything, and a load that fails part-way leaves both parts
+as they were).
 """
 
 from __future__ import annotations
@@ -50,9 +51,15 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         super().__init__([torch.zeros(1, requires_grad=True)], {})
         self.preconditioner = preconditioner
         self.optimizer = optimizer
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
-        self.defaults = optimizer.defaults
+        self._share()
+
+    def _share(self) -> None:
+        """Point ``param_groups``, ``state`` and ``defaults`` at the inner optimizer's (again
+        after a load, which replaces them: a scheduler made on this object must keep acting on
+        the groups that take the step)."""
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        self.defaults = self.optimizer.defaults
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -92,8 +99,16 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         pre = state_dict["preconditioner"]
         if isinstance(pre, dict) and "natgrad" in pre:
             self.preconditioner._check_natgrad_state(pre["natgrad"])
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.preconditioner.load_state_dict(pre)
+        before = self.optimizer.state_dict()  # a load makes new tensors: these stay intact
+        try:
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+            try:
+                self.preconditioner.load_state_dict(pre)
+            except BaseException:
+                self.optimizer.load_state_dict(before)  # a failed load changes nothing
+                raise
+        finally:
+            self._share()
 
     def __repr__(self) -> str:
         return (f"PreconditionedOptimizer({type(self.optimizer).__name__}, "
