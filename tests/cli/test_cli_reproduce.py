@@ -98,6 +98,9 @@ def test_results_md_header_and_statuses():
     assert "2 CPUs" in md and "2030-01-01" in md
     assert "not available: no bench" in md and "skipped (--skip)" in md
     assert "# Discussion\n\nTODO(lead)" in md
+    assert "assembled" not in md
+    statuses["scaling"]["note"] = "assembled from two runs"
+    assert "*assembled from two runs*" in results_md(meta, statuses, docs, PART_TITLES)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -87,6 +87,8 @@ def results_md(meta: Mapping[str, Any], statuses: Mapping[str, Mapping[str, Any]
         if st.get("command") and st["command"] != meta.get("command"):
             out.append(f"*Measured {st.get('measured')} by `{st['command']}` (an earlier run, "
                        "kept by `--update`).*")
+        if st.get("note"):  # how a part's results were assembled, when not by one command
+            out.append(f"*{st['note']}*")
         doc = docs.get(part)
         body = ""
         if doc is not None:
