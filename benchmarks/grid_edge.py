@@ -3,7 +3,8 @@
 ``natgrad reproduce`` part 10 picks each optimizer's learning rate from
 :data:`natgrad.reproduce.families.LR_GRID` by validation accuracy. When the pick is the largest
 value of the grid, the optimum may lie beyond it and the optimizer is under-tuned. This script
-runs the grid's own protocol (same epochs, validation split, cosine schedule, seed 0) at larger
+runs the grid's own protocol (:func:`natgrad.reproduce.families.grid_accuracy`: same epochs,
+validation split, cosine schedule, seed 0) at larger
 learning rates and prints them next to the grid's values, so one can see whether the edge pick
 was the best.
 
@@ -18,22 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from natgrad.experiments.compare import CompareConfig, run_compare
-from natgrad.models import default_dataset
-from natgrad.reproduce.families import LR_GRID
+import torch
+
+from natgrad.reproduce.context import Context
+from natgrad.reproduce.families import LR_GRID, grid_accuracy
 from natgrad.reproduce.settings import FULL
-
-
-def validation_accuracy(model: str, optimizer: str, lr: float, threads: int | None) -> float:
-    """One run of the grid's protocol; -1 when it diverged (as the grid scores it)."""
-    res = run_compare(CompareConfig(
-        model=model, data=default_dataset(model), optimizers=(optimizer,), lrs={optimizer: lr},
-        epochs=FULL.grid_epochs, seed=0, validation=FULL.validation, lr_schedule="cosine",
-        threads=threads, out=None, progress=False), say=lambda _: None)
-    run = res["runs"][0]
-    return -1.0 if run["diverged"] else run["test_accuracy"]
 
 
 def main() -> None:
@@ -51,15 +45,20 @@ def main() -> None:
             raise SystemExit(f"--extra: expected OPTIMIZER=LR,... with OPTIMIZER one of "
                              f"{', '.join(LR_GRID)}, got {item!r}")
         extra[name] = [float(v) for v in lrs.split(",")]
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     doc: dict[str, Any] = {"grid_epochs": FULL.grid_epochs, "validation": FULL.validation,
                            "models": {}}
-    for model in a.models.split(","):
-        doc["models"][model] = {}
-        for opt, lrs in extra.items():
-            scores = {f"{lr:g}": validation_accuracy(model, opt, lr, a.threads) for lr in lrs}
-            doc["models"][model][opt] = scores
-            print(f"{model} {opt} (grid {', '.join(f'{v:g}' for v in LR_GRID[opt])}): "
-                  + ", ".join(f"lr {k}: {100 * v:.1f} %" for k, v in scores.items()), flush=True)
+    with tempfile.TemporaryDirectory(prefix="natgrad-grid-edge-") as work:
+        ctx = Context(settings=FULL, out=Path(work), work=Path(work))  # the runs' scratch and log
+        for model in a.models.split(","):
+            doc["models"][model] = {}
+            for opt, lrs in extra.items():
+                scores = {f"{lr:g}": grid_accuracy(ctx, model, opt, lr) for lr in lrs}
+                doc["models"][model][opt] = scores
+                print(f"{model} {opt} (grid {', '.join(f'{v:g}' for v in LR_GRID[opt])}): "
+                      + ", ".join(f"lr {k}: {100 * v:.1f} %" for k, v in scores.items()),
+                      flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=1)
