@@ -19,7 +19,7 @@ their data through the same functions.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -138,6 +138,16 @@ def _memory_batch(edges_numel: int, memory_elements: int) -> int:
     return max(1, memory_elements // max(1, edges_numel))
 
 
+class _Call(NamedTuple):
+    """What a layer's forward hook keeps (see :func:`pullbacks`)."""
+
+    input: Tensor
+    edge: Any
+    output: Tensor  # the output's shape and dtype, on the meta device
+    record: Any
+    version: int  # the input's version counter when the layer ran
+
+
 def pullbacks(
     model: nn.Module,
     layers: dict[str, LayerHelper],
@@ -155,40 +165,62 @@ def pullbacks(
     directions (:func:`~natgrad.curvature.rows.output_directions`; Monte-Carlo labels of chunk
     ``i`` drawn from a generator seeded with ``seed + i``).
 
+    The layers' inputs, output edges and :meth:`LayerHelper.record` are taken inside their
+    forward hooks, as the optimizer's capture does (:mod:`.hooks`), so in-place operations after a
+    layer (``ReLU(inplace=True)``, ``x += shortcut``) cannot redirect the pull-back.
+
     Yields:
-        ``(m, inputs, outputs, grads)``: per layer its input ``(m, ...)``, its output and the
-        pulled-back gradients, a list of ``R`` tensors shaped like the output (layers the output
-        does not depend on are left out).
+        ``(m, inputs, outputs, grads, records)``: per layer its input ``(m, ...)``, its output's
+        shape (a ``meta`` tensor), the pulled-back gradients (a list of ``R`` tensors shaped like
+        the output; layers the output does not depend on are left out) and the helper's
+        record of the forward.
     """
     fisher = check_fisher(fisher)
-    store: dict[str, tuple[Tensor, Tensor]] = {}
+    store: dict[str, _Call] = {}
+    copy_inputs = False  # set once an input was found modified in place after its layer ran
 
-    def hook(name: str):
+    def hook(name: str, helper: LayerHelper):
         def fn(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            store[name] = (inputs[0].detach(), output)
+            if not output.requires_grad:
+                return
+            # everything read now, inside the forward: a later in-place op (ReLU(inplace=True),
+            # x += shortcut) rewrites the output tensor and its grad_fn, not this edge or record
+            x = inputs[0].detach()
+            x = x.clone() if copy_inputs else x
+            store[name] = _Call(x, get_gradient_edge(output),
+                                torch.empty_like(output, device="meta"), helper.record(x, output),
+                                x._version)
         return fn
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.get_default_dtype()
-    handles = [h.module.register_forward_hook(hook(n)) for n, h in layers.items()]
+    handles = [h.module.register_forward_hook(hook(n, h)) for n, h in layers.items()]
     try:
         for i, (x, y) in enumerate(iter_chunks(data, chunk_size)):
             x = to_model(x, device, dtype)
             args, kwargs = model_args(x)
+            store.clear()
             with torch.enable_grad():
                 out = find_output(model(*args, **kwargs), output_key)
-            names = [n for n in store if store[n][1].requires_grad]
+            if not copy_inputs and any(c.input._version != c.version for c in store.values()):
+                # a layer input changed in place after the layer ran (the record may be a view
+                # of it): this and later chunks keep copies of the inputs
+                copy_inputs = True
+                store.clear()
+                with torch.enable_grad():
+                    out = find_output(model(*args, **kwargs), output_key)
+            names = list(store)
             gen = torch.Generator(device=out.device).manual_seed(seed + i)
             directions = output_directions(likelihood, fisher, out, y, gen, samples=mc_samples)
-            numel = sum(store[n][1].numel() for n in names)
+            numel = sum(store[n].output.numel() for n in names)
             with torch.enable_grad():
-                grads = pullback(get_gradient_edge(out), [get_gradient_edge(store[n][1])
-                                                          for n in names],
+                grads = pullback(get_gradient_edge(out), [store[n].edge for n in names],
                                  directions, _memory_batch(numel, memory_elements), stack=False)
-            yield (batch_size(x), {n: store[n][0] for n in names},
-                   {n: store[n][1] for n in names},
-                   {n: g for n, g in zip(names, grads) if g is not None})
+            yield (batch_size(x), {n: store[n].input for n in names},
+                   {n: store[n].output for n in names},
+                   {n: g for n, g in zip(names, grads) if g is not None},
+                   {n: store[n].record for n in names})
             store.clear()
     finally:
         for h in handles:
@@ -272,17 +304,20 @@ class StatisticSums:
         self.num_samples = 0
         self._kept: dict[str, Any] = {}
 
-    def add_inputs(self, m: int, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> None:
+    def add_inputs(self, m: int, inputs: dict[str, Tensor], outputs: dict[str, Tensor],
+                   records: dict[str, Any] | None = None) -> None:
         """A chunk of ``m`` samples: per layer its input ``(m, ...)`` and its output (or a tensor
         of the output's shape, e.g. on the ``meta`` device: only the shape is read by the
-        Linear / Conv2d helpers); layers not in :attr:`layers` are ignored."""
+        Linear / Conv2d helpers); layers not in :attr:`layers` are ignored. ``records``: the
+        helpers' :meth:`LayerHelper.record` taken during the forward (made here otherwise)."""
         self.num_samples += m
         self._kept = {}
         for n, a in inputs.items():
             helper = self.layers.get(n)
             if helper is None:
                 continue
-            self._kept[n] = helper.record(a, outputs[n])
+            self._kept[n] = (records[n] if records is not None and n in records
+                             else helper.record(a, outputs[n]))
             s = self.sums.setdefault(n, [Gram(helper.diagonal_input), Gram(),
                                          helper.locations(outputs[n])])
             s[0].add(helper.a_rows(self._kept[n]))
@@ -312,9 +347,9 @@ def data_statistics(
     sample), and ``N``, the number of samples. ``kwargs``: those of :func:`pullbacks`."""
     check_deterministic(model)
     sums = StatisticSums(layers)
-    for m, inputs, outputs, grads in pullbacks(model, layers, data, likelihood, fisher,
-                                               **kwargs):
-        sums.add_inputs(m, inputs, outputs)
+    for m, inputs, outputs, grads, records in pullbacks(model, layers, data, likelihood,
+                                                        fisher, **kwargs):
+        sums.add_inputs(m, inputs, outputs, records)
         R = max((len(g) for g in grads.values()), default=0)
         for r in range(R):  # one direction at a time: the same sums as before
             sums.add_direction({n: g[r] for n, g in grads.items()})

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import LayerHelper, helper_for
-from .pullback import ChunkPullback, called_once
+from .pullback import ChunkPullback, LayerTap, called_once
 
 
 def input_matrix(helper: LayerHelper, inputs: Tensor) -> Tensor:
@@ -143,29 +143,89 @@ class LayerSlot:
     indices: tuple[int, ...]
 
 
-def recognised_layers(op: Any) -> dict[str, LayerSlot]:
-    """The Linear / Conv2d layers (:func:`natgrad.layers.helper_for`) of a
-    :class:`~natgrad.fisher.ggn.GGNOperator` whose parameters the operator all acts on, that
-    run once per forward pass and share no parameter with another layer; their blocks get the
-    pulled-back formulas, every other parameter the generic per-sample path."""
+def recognised_layers(op: Any, reasons: dict[str, str] | None = None) -> dict[str, LayerSlot]:
+    """The layers with per-sample rows (:attr:`LayerHelper.per_sample_rows`, e.g. Linear /
+    Conv2d) of a :class:`~natgrad.fisher.ggn.GGNOperator` whose blocks get the pulled-back
+    formulas; every other parameter takes the generic per-sample path (every use of a parameter
+    counted, as the model computes it).
+
+    A layer is recognised when the operator acts on all its parameters and the formula
+    ``∇θ = Σ_t g_t ā_tᵀ`` of its own input and output gradient is the parameter's whole gradient:
+
+    * no parameter is shared with another module (tied weights such as GPT-2's ``lm_head`` and
+      ``wte``: the gradient is the sum over both uses, which the layer's rows cannot give);
+    * the layer runs once per forward pass (a module called twice has no single input/output);
+    * checked once numerically on two samples: the formula reproduces the autograd gradient of a
+      random output direction (catches a parameter used again elsewhere, e.g. functionally).
+
+    ``reasons``: filled with layer name → why a layer with a helper takes the generic path.
+    """
+    why: dict[str, str] = {} if reasons is None else reasons
     index = {n: i for i, n in enumerate(op.names)}
     names = {id(p): n for n, p in op.model.named_parameters()}
+    holders: dict[int, int] = {}
+    for module in op.model.modules():
+        for p in module.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
     slots: dict[str, LayerSlot] = {}
     for name, module in op.model.named_modules():
         helper, _ = helper_for(module)
         if helper is None or not helper.per_sample_rows:
             continue
         pnames = [names.get(id(p)) for p in helper.params]
-        if all(n in index for n in pnames):
-            slots[name] = LayerSlot(helper, tuple(index[n] for n in pnames))
-    claimed = [i for s in slots.values() for i in s.indices]
-    shared = {i for i in claimed if claimed.count(i) > 1}
-    slots = {n: s for n, s in slots.items() if not shared.intersection(s.indices)}
+        if not all(n in index for n in pnames):
+            continue
+        if any(holders.get(id(p), 0) > 1 for p in helper.params):
+            why[name] = "shares a parameter with another module"
+            continue
+        slots[name] = LayerSlot(helper, tuple(index[n] for n in pnames))
     if slots:
         x, _ = next(op.chunks(chunk_size=1))
         once = called_once(op.forward, {n: s.helper.module for n, s in slots.items()}, x)
+        for n in set(slots) - once:
+            why[n] = "does not run exactly once per forward pass"
         slots = {n: s for n, s in slots.items() if n in once}
+    if slots:
+        x, _ = next(op.chunks(chunk_size=2))
+        for n in _formula_fails(op, slots, x):
+            why[n] = "its parameter gradient is not its rows' (a parameter used elsewhere)"
+            del slots[n]
     return slots
+
+
+def _formula_fails(op: Any, slots: dict[str, LayerSlot], x: Any) -> list[str]:
+    """The layers whose parameter gradient, for a random output direction on ``x``, is not
+    ``Σ_n G_nᵀ A_n`` of their recorded input and output gradient (relative tolerance
+    ``10 √eps`` of the operator's dtype)."""
+    pnames = [op.names[i] for s in slots.values() for i in s.indices]
+    params = dict(op._params)
+    params.update({n: params[n].detach().requires_grad_(True) for n in pnames})
+    with LayerTap(_modules(slots), copy_inputs=True) as tap, torch.enable_grad():
+        out = op._f(params, x)
+    if not out.requires_grad:
+        return []
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    tapped = [n for n in slots if n in tap.edges]
+    grads = torch.autograd.grad(out, [params[n] for n in pnames] + [tap.edges[n] for n in tapped],
+                                u, allow_unused=True)
+    by_name = dict(zip(pnames, grads[:len(pnames)]))
+    tol = 10 * torch.finfo(op.dtype).eps ** 0.5
+    failed = []
+    for n, g in zip(tapped, grads[len(pnames):]):
+        h = slots[n].helper
+        actual = [by_name[op.names[i]] for i in slots[n].indices]
+        if g is None:
+            if any(a is not None and bool(a.any()) for a in actual):
+                failed.append(n)
+            continue
+        rows = torch.einsum("mtg,mta->ga", grad_matrix(h, g), input_matrix(h, tap.inputs[n]))
+        full = h.grad_matrix([torch.zeros_like(params[op.names[i]]) if a is None else a
+                              for a, i in zip(actual, slots[n].indices)])
+        scale = max(float(full.norm()), float(rows.norm()), 1e-300)
+        if float((rows - full).norm()) > tol * scale:
+            failed.append(n)
+    return failed
 
 
 def _modules(slots: dict[str, LayerSlot]) -> dict[str, nn.Module]:
@@ -200,8 +260,18 @@ def ggn_diagonal(op: Any, memory_elements: int = 1 << 24) -> Tensor:
 def ggn_layer_traces(op: Any, layers: dict[str, LayerHelper],
                      memory_elements: int = 1 << 24) -> dict[str, float]:
     """Exact ``tr F_ℓℓ`` of a :class:`~natgrad.fisher.ggn.GGNOperator` for the named ``layers``
-    (one forward and ``R`` backward passes per chunk to their outputs); ``0.0`` for a layer the
-    outputs do not depend on."""
-    sums = layer_trace_sums(op.pullbacks({n: h.module for n, h in layers.items()}), layers,
-                            memory_elements)
-    return {n: float(sums[n]) / op.num_samples if n in sums else 0.0 for n in layers}
+    (any helpers; ``0.0`` for a layer the outputs do not depend on). Layers the operator
+    recognises (:func:`recognised_layers`) from one forward and ``R`` backward passes per chunk
+    to their outputs; the others (normalization layers, tied or reused parameters) from
+    per-sample gradients of their parameters only (``op.restrict(...).sample_diagonal``)."""
+    slots = recognised_layers(op)
+    fast = {n: h for n, h in layers.items() if n in slots and slots[n].helper.module is h.module}
+    sums = layer_trace_sums(op.pullbacks({n: h.module for n, h in fast.items()}), fast,
+                            memory_elements) if fast else {}
+    out = {n: float(sums[n]) / op.num_samples if n in sums else 0.0 for n in fast}
+    names = {id(p): n for n, p in op.model.named_parameters()}
+    for n, h in layers.items():
+        if n not in fast:
+            sub = op.restrict([names[id(p)] for p in h.params])
+            out[n] = float(sub.sample_diagonal(memory_elements).double().sum())
+    return {n: out[n] for n in layers}

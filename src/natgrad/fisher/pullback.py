@@ -92,22 +92,34 @@ class ChunkPullback:
     rows: Rows
 
 
-class _LayerTap:
+class LayerTap:
     """Forward hooks that record each layer's input and the autograd edge of its output
-    (and how often each layer ran)."""
+    (and how often each layer ran).
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    Args:
+        copy_inputs: keep copies of the inputs; otherwise they are kept as they are (no copy)
+            and :meth:`inputs_modified` tells whether an in-place op changed one afterwards."""
+
+    def __init__(self, modules: dict[str, nn.Module], copy_inputs: bool = False) -> None:
         self.modules = modules
+        self.copy_inputs = copy_inputs
         self.inputs: dict[str, Tensor] = {}
         self.edges: dict[str, Any] = {}
         self.shapes: dict[str, torch.Size] = {}
         self.calls: dict[str, int] = {}
+        self._versions: dict[str, int] = {}
         self._handles: list[Any] = []
+
+    def inputs_modified(self) -> bool:
+        """Whether a recorded input was changed in place after its layer ran."""
+        return any(self.inputs[n]._version != v for n, v in self._versions.items())
 
     def _hook(self, name: str) -> Callable:
         def fn(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
             self.calls[name] = self.calls.get(name, 0) + 1
-            self.inputs[name] = inputs[0].detach()
+            x = inputs[0].detach()
+            self.inputs[name] = x.clone() if self.copy_inputs else x
+            self._versions[name] = self.inputs[name]._version
             self.shapes[name] = output.shape
             if output.requires_grad:
                 self.edges[name] = get_gradient_edge(output)
@@ -117,7 +129,7 @@ class _LayerTap:
             return leaf.clone()  # in-place ops downstream act on a copy, not on the leaf
         return fn
 
-    def __enter__(self) -> _LayerTap:
+    def __enter__(self) -> LayerTap:
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
         return self
 
@@ -128,13 +140,14 @@ class _LayerTap:
 
     def clear(self) -> None:
         self.inputs, self.edges, self.shapes, self.calls = {}, {}, {}, {}
+        self._versions = {}
 
 
 def probe(forward: Callable[[Tensor], Tensor], modules: dict[str, nn.Module], x: Tensor
           ) -> tuple[Tensor, dict[str, int], dict[str, torch.Size]]:
     """``forward(x)`` without gradients, recording the modules: ``(outputs, how often each module
     ran, the shape of its last output)``."""
-    with _LayerTap(modules) as tap, torch.no_grad():
+    with LayerTap(modules) as tap, torch.no_grad():
         out = forward(x)
     return out, dict(tap.calls), dict(tap.shapes)
 
@@ -165,11 +178,16 @@ def layer_pullbacks(
         A :class:`ChunkPullback` per chunk; layers whose output does not influence ``f`` are
         left out of its rows.
     """
-    with _LayerTap(modules) as tap:
+    with LayerTap(modules) as tap:
         for i, (x, y) in enumerate(chunks):
             tap.clear()
             with torch.enable_grad():
                 out = forward(x)
+            if tap.inputs_modified():  # an in-place op after a layer changed its input
+                tap.copy_inputs = True  # from now on: copies (this chunk again)
+                tap.clear()
+                with torch.enable_grad():
+                    out = forward(x)
             B = output_factor(out.detach(), y, i)
             names = list(tap.edges)
             if not names or not out.requires_grad:

@@ -26,6 +26,7 @@ The matrix is the operator's, exactly: products agree with
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -304,22 +305,33 @@ class RowFisher(LinearOperator):
         return (U.T @ U / self.num_samples).to(self.dtype)
 
     # ------------------------------------------------------------------ blocks
-    def restrict(self, names: Sequence[str]) -> LinearOperator:
-        """The diagonal block of the named parameters: a :class:`RowFisher` of the blocks
-        they make up (generic restriction when they split a layer)."""
+    def restrict(self, names: Sequence[str]) -> RowFisher:
+        """The diagonal block of the named parameters: a :class:`RowFisher` of the rows they
+        own (a block they cover in part keeps the columns of their parameters only: e.g. one
+        normalization layer's parameters out of the rows of every other parameter)."""
+        unknown = [n for n in names if n not in self.names]
+        if unknown or not names:
+            raise ValueError(f"unknown or no parameter names {unknown}; known: {self.names}")
         wanted = {self.names.index(n) for n in names}
-        blocks = [b for b in self.blocks if set(b.indices) <= wanted]
-        if {i for b in blocks for i in b.indices} != wanted:
-            from .base import RestrictedOperator
-
-            return RestrictedOperator(self, sorted(wanted))
         order = sorted(wanted)
         sub = LinearOperator([self.names[i] for i in order], [self.shapes[i] for i in order],
                              self.dtype, self.device)
         local = {i: j for j, i in enumerate(order)}
-        moved = [type(b)(**{**b.__dict__, "indices": tuple(local[i] for i in b.indices),
-                             "cols": _cols(sub, [local[i] for i in b.indices])})
-                 for b in blocks]
+        moved: list[_Block] = []
+        for b in self.blocks:
+            keep = [i for i in b.indices if i in wanted]
+            if not keep:
+                continue
+            cols = _cols(sub, [local[i] for i in keep])
+            if len(keep) == len(b.indices):
+                moved.append(type(b)(**{**b.__dict__, "indices": tuple(local[i] for i in keep),
+                                        "cols": cols}))
+                continue
+            starts = dict(zip(b.indices, itertools.accumulate(
+                (self.sizes[i] for i in b.indices), initial=0)))
+            pos = torch.cat([torch.arange(starts[i], starts[i] + self.sizes[i]) for i in keep])
+            U = b.dense_rows()[:, :, pos.to(self.device)]
+            moved.append(_DenseBlock(b.name, tuple(local[i] for i in keep), cols, U))
         return RowFisher(sub, moved, self.num_samples, self.rank_bound)
 
     def block(self, name: str) -> LinearOperator:
