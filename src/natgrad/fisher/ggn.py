@@ -72,13 +72,16 @@ from .pullback import ChunkPullback, layer_pullbacks
 
 class _Chunk(NamedTuple):
     """One chunk's forward pass, ready for products: ``J v`` by ``jvp_fn``, ``Jᵀ u`` by
-    ``vjp_fn``; ``B`` the output factor as :meth:`GGNOperator.product_factor` gives it."""
+    ``vjp_fn``; ``B`` the output factor as :meth:`GGNOperator.product_factor` gives it. In the
+    reverse-mode path (:attr:`GGNOperator.jacobian_mode`) only ``U``, the chunk's rows of
+    ``B_n J_n`` ``(m · R, P)``."""
 
     x: Any
-    B: Tensor
-    vjp_fn: Callable[[Tensor], tuple[dict[str, Tensor]]]
-    jvp_fn: Callable[[dict[str, Tensor]], Tensor]
+    B: Tensor | None
+    vjp_fn: Callable[[Tensor], tuple[dict[str, Tensor]]] | None
+    jvp_fn: Callable[[dict[str, Tensor]], Tensor] | None
     nbytes: int
+    U: Tensor | None = None
 
 
 def _apply_factor(B: Tensor, JV: Tensor) -> Tensor:
@@ -173,6 +176,14 @@ class GGNOperator(LinearOperator):
         self._cache: list[_Chunk] = []
         self._cache_state = "open"  # "all" once every chunk is cached, "full" at the budget
         self._linearize_ok = True
+        #: how ``J v`` is computed: ``"forward"`` (forward-mode AD, ``jvp``), or ``"reverse"``
+        #: when the model has an op without forward-mode AD (e.g. the fused CPU kernel of
+        #: ``F.scaled_dot_product_attention``): each chunk's rows of ``B_n J_n`` from ``R``
+        #: backward passes per sample, ``F V = (1/N) Σ Uᵀ (U V)``. ``None`` until the first
+        #: product decides (one ``jvp`` tried on one sample).
+        self.jacobian_mode: str | None = None
+        #: why the reverse-mode path was chosen (the forward-mode error), else ``None``
+        self.jacobian_mode_reason: str | None = None
 
     # ------------------------------------------------------------------ the model as a function
     def _output(self, params: dict[str, Tensor], x: Any) -> Tensor:
@@ -255,9 +266,27 @@ class GGNOperator(LinearOperator):
                 h.remove()
         return total
 
+    def _choose_jacobian_mode(self, x: Any) -> str:
+        """:attr:`jacobian_mode`, decided once by one ``jvp`` on the first sample of ``x``."""
+        if self.jacobian_mode is None:
+            one = slice_batch(x, slice(0, 1))
+            try:
+                jvp(lambda p: self._f(p, one), (self._params,), (self._params,))
+                self.jacobian_mode = "forward"
+            except (NotImplementedError, RuntimeError) as err:
+                self.jacobian_mode = "reverse"
+                self.jacobian_mode_reason = str(err).splitlines()[0] if str(err) else repr(err)
+        return self.jacobian_mode
+
     def _make_chunk(self, x: Any, y: Tensor | None, i: int, linear: bool,
                     estimate: bool) -> _Chunk:
         x = to_model(x, self.device, self.dtype)
+        if self._choose_jacobian_mode(x) == "reverse":
+            with torch.no_grad():
+                B = self.output_factor(self._f(self._params, x), y, i)
+            U = torch.cat(list(self._chunk_rows(x, B, 1 << 62)))
+            return _Chunk(x, None, None, None, U.numel() * U.element_size() if estimate else 0,
+                          U)
         out, vjp_fn = vjp(lambda p: self._f(p, x), self._params)
         B = self.product_factor(out.detach(), y, i)
         jvp_fn = None
@@ -310,6 +339,9 @@ class GGNOperator(LinearOperator):
         result = torch.zeros_like(V)
         k = V.shape[1]
         for ch in self._chunks(k):
+            if ch.U is not None:  # reverse-mode path: the chunk's rows
+                result += ch.U.T @ (ch.U @ V)
+                continue
             for s in range(0, k, self.max_columns):
                 cols = V[:, s:s + self.max_columns]
                 if cols.shape[1] == 1:  # no vmap: faster for one column
@@ -334,20 +366,30 @@ class GGNOperator(LinearOperator):
         sub-chunk); ``s`` is chosen so that ``s · R · P ≤ memory_elements``.
         """
 
+        for i, (x, y) in enumerate(iter_chunks(self.data, self.chunk_size)):
+            x = to_model(x, self.device, self.dtype)
+            with torch.no_grad():
+                B = self.output_factor(self._f(self._params, x), y, i)
+            yield from self._chunk_rows(x, B, memory_elements)
+
+    def _chunk_rows(self, x: Any, B: Tensor, memory_elements: int) -> Iterator[Tensor]:
+        """Rows of ``B_n J_n`` of one chunk ``x`` with output factor ``B (m, R, C)``: ``(s · R,
+        P)`` per sub-chunk of ``s`` samples (``s · R · P ≤ memory_elements``). Reverse mode
+        only (one ``vjp`` per sample, vmapped over the samples and the ``R`` rows). A tied
+        parameter's columns sum its uses (``functional_call`` ties the weights)."""
+
         def rows(x1: Any, B1: Tensor) -> dict[str, Tensor]:
             one = map_tensors(x1, lambda t: t[None])  # the sample as a batch of one
             _, fn = vjp(lambda p: self._f(p, one)[0], self._params)
             return vmap(fn)(B1)[0]  # each (R, *shape)
 
-        for i, (x, y) in enumerate(iter_chunks(self.data, self.chunk_size)):
-            x = to_model(x, self.device, self.dtype)
-            with torch.no_grad():
-                B = self.output_factor(self._f(self._params, x), y, i)
-            sub = max(1, memory_elements // max(1, B.shape[1] * self.dim))
-            for s in range(0, batch_size(x), sub):
+        sub = max(1, memory_elements // max(1, B.shape[1] * self.dim))
+        for s in range(0, batch_size(x), sub):
+            with warnings.catch_warnings():  # vmap's "no batching rule: a loop" (still exact)
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
                 g = vmap(rows)(slice_batch(x, slice(s, s + sub)), B[s:s + sub])
-                n = g[self.names[0]].shape[0] * B.shape[1]
-                yield torch.cat([g[k].reshape(n, -1) for k in self.names], dim=1)
+            n = g[self.names[0]].shape[0] * B.shape[1]
+            yield torch.cat([g[k].reshape(n, -1) for k in self.names], dim=1)
 
     def diagonal(self, memory_elements: int = 1 << 25) -> Tensor:
         """The exact diagonal ``(1/N) Σ_n Σ_r ((B_n J_n)_{r,:})²``, shape ``(P,)``.
