@@ -1,3 +1,4 @@
+import types
 import warnings
 
 import pytest
@@ -163,7 +164,8 @@ def make_reused(seed: int = 5):
 
 def make_gpt2(seed: int = 6):
     """``(model, ids, y)``: a transformers GPT-2 from a tiny config (tied ``wte``/``lm_head``,
-    default attention: ``"sdpa"``), float64, eval mode; ``None`` when transformers is absent."""
+    default attention: ``"sdpa"``), float64, eval mode; the test is skipped without
+    transformers."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=23,
@@ -205,3 +207,23 @@ def dense_fisher(model: nn.Module, x: torch.Tensor, fisher: str = "exact",
     r = p - torch.nn.functional.one_hot(y.reshape(N, -1), C).to(p.dtype)
     g = torch.einsum("ntv,ntvp->np", r, J)
     return g.T @ g / N
+
+
+#: the zoo's case table: name → builder of ``(model, x, y)``
+ZOO = {
+    "residual_inplace": lambda: make_residual(inplace=True),
+    "residual_plain": lambda: make_residual(inplace=False),
+    "transformer_sdpa": lambda: make_transformer(sdpa=True),
+    "transformer_eager": lambda: make_transformer(sdpa=False),
+    "transformer_tied": lambda: make_transformer(sdpa=False, tied=True),
+    "transformer_untied": lambda: make_transformer(sdpa=False, tied=False),
+    "reused": make_reused,
+    "gpt2": make_gpt2,
+}
+
+
+@pytest.fixture
+def zoo():
+    """The zoo: ``zoo.build(name)`` → ``(model, x, y)`` (names in :data:`ZOO`) and
+    ``zoo.dense_fisher`` (:func:`dense_fisher`)."""
+    return types.SimpleNamespace(build=lambda name: ZOO[name](), dense_fisher=dense_fisher)

@@ -48,6 +48,22 @@ def test_analyze_cli_hidden_widths(tmp_path):
     assert [row["params"] for row in report["layers"]] == [784 * 12 + 12, 12 * 6 + 6, 6 * 10 + 10]
 
 
+@pytest.mark.parametrize("argv", [["--model", "resnet8"],
+                                  ["--model", "transformer", "--data", "majority"]])
+def test_analyze_cli_models_with_norm_layers(tmp_path, argv):
+    """Several normalization layers (BatchNorm in resnet8, LayerNorm in the transformer): every
+    layer gets its row, its trace the exact one (they add up to the total)."""
+    rc = main(["analyze", *argv, "--samples", "3", "-k", "2", "--no-density", "--probes", "2",
+               "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    kinds = [row["kind"] for row in report["layers"]]
+    assert kinds.count("norm") >= 2
+    assert sum(row["params"] for row in report["layers"]) == report["params"]
+    assert sum(row["trace"] for row in report["layers"]) == pytest.approx(
+        report["trace"]["value"], rel=1e-9)
+
+
 @pytest.mark.parametrize("argv", [["--samples", "0"], ["--data", "nope"],
                                   ["--checkpoint", "/nonexistent.pt"], ["--damping", "-1"],
                                   ["--model", "cnn", "--hidden", "8"],

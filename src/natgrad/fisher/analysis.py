@@ -114,7 +114,9 @@ def analyze(
     groups = {n: op.block_indices(n) for n in layers}
     report.update(params=op.dim, samples=op.num_samples, fisher=fisher, loss=loss,
                   mean_convention="F = (1/N) sum_n J_n^T H_n J_n (mean over samples)",
-                  damping=damping, output_shape=list(op.output_shape))
+                  damping=damping, output_shape=list(op.output_shape),
+                  jacobian={"mode": op.choose_jacobian_mode(),
+                            "reason": op.jacobian_mode_reason})
     if op.likelihood.categorical and len(op.output_shape) > 1:
         report["positions"] = ("per sample: the sum over its positions (sequence logits), "
                                "mean over samples")

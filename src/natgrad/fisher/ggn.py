@@ -266,9 +266,12 @@ class GGNOperator(LinearOperator):
                 h.remove()
         return total
 
-    def _choose_jacobian_mode(self, x: Any) -> str:
-        """:attr:`jacobian_mode`, decided once by one ``jvp`` on the first sample of ``x``."""
+    def choose_jacobian_mode(self, x: Any = None) -> str:
+        """:attr:`jacobian_mode`, decided once by one ``jvp`` on the first sample of ``x``
+        (default: of the data)."""
         if self.jacobian_mode is None:
+            if x is None:
+                x, _ = next(self.chunks(chunk_size=1))
             one = slice_batch(x, slice(0, 1))
             try:
                 jvp(lambda p: self._f(p, one), (self._params,), (self._params,))
@@ -281,7 +284,7 @@ class GGNOperator(LinearOperator):
     def _make_chunk(self, x: Any, y: Tensor | None, i: int, linear: bool,
                     estimate: bool) -> _Chunk:
         x = to_model(x, self.device, self.dtype)
-        if self._choose_jacobian_mode(x) == "reverse":
+        if self.choose_jacobian_mode(x) == "reverse":
             with torch.no_grad():
                 B = self.output_factor(self._f(self._params, x), y, i)
             U = torch.cat(list(self._chunk_rows(x, B, 1 << 62)))
