@@ -17,10 +17,17 @@ EmpiricalFisher ``r rᵀ`` with the data label ``y``: *not a Fisher* in   ``1``
 Convention: the **mean** over the ``N`` samples. ``F v`` costs one ``jvp`` and one ``vjp`` per
 chunk (memory ``O(P + chunk)``); ``g_nᵀ v = r_nᵀ (J_n v)`` is the gradient-outer-product trick, so
 MC / empirical products never form per-sample gradients. The exact diagonal needs the rows of
-``B_n J_n``: for Linear / Conv2d layers, ``B_n`` pulled back to the layer outputs (``R`` backward
-passes per chunk, :mod:`natgrad.fisher.pullback`) times the layer inputs
-(:mod:`natgrad.fisher.layer_diagonal`); for any other parameter ``R`` backward passes per sample,
-vectorised with ``vmap`` (never one per parameter).
+``B_n J_n``: for Linear / Conv2d layers that own their gradient, ``B_n`` pulled back to the layer
+outputs (``R`` backward passes per chunk, :mod:`natgrad.fisher.pullback`) times the layer inputs
+(:mod:`natgrad.fisher.layer_diagonal`); for any other parameter — tied or reused ones included,
+every use summed before squaring — ``R`` backward passes per sample, vectorised with ``vmap``
+(never one per parameter).
+
+**Models without forward-mode AD** (``F.scaled_dot_product_attention``'s fused CPU kernel, a
+custom autograd function without ``jvp``): the first product tries one ``jvp`` on one sample;
+when it fails, :attr:`GGNOperator.jacobian_mode` becomes ``"reverse"`` and every product uses
+the chunks' rows ``U`` of ``B_n J_n`` (``R`` backward passes per sample): ``F V = (1/N) Σ Uᵀ (U
+V)``, the same matrix, ``m · R · P`` numbers per chunk.
 
 **Batches and outputs.** ``data`` is read as by the optimizer's data capture
 (:mod:`natgrad.curvature.data`): an input ``x`` may be a tensor (the model is called as
