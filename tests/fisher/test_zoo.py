@@ -144,19 +144,22 @@ def test_kfac_from_data_is_immune_to_in_place_ops(fisher, zoo):
         close(K.block(name).to_dense(), F[idx][:, idx] * mask)
 
 
-@pytest.mark.parametrize("cache", [True, False])
-@pytest.mark.parametrize("case", ["residual_inplace", "transformer_sdpa"])
+@pytest.mark.parametrize(("case", "cache"), [
+    ("residual_inplace", True), ("residual_inplace", False), ("transformer_sdpa", True),
+    ("transformer_sdpa", False), ("gpt2", True)])
 def test_analyze_end_to_end(case, cache, zoo):
-    """``analyze()`` on a net with three normalization layers and on a transformer block with
-    SDPA and two LayerNorms: the total and per-layer traces and the per-layer top eigenvalues
-    against the dense Fisher."""
+    """``analyze()`` on a net with three normalization layers, on a transformer block with
+    SDPA and three LayerNorms, and on a tiny GPT-2 (tied embedding, SDPA): the total and
+    per-layer traces and the per-layer top eigenvalues against the dense Fisher."""
     model, x, y = zoo.build(case)
     F = zoo.dense_fisher(model, x)
     report = analyze(model, (x, y), "cross_entropy", top_k=3, probes=2, slq_steps=6,
                      chunk_size=2, cache=cache, density=cache)
     close(report["trace"]["value"], torch.trace(F))
     close(report["top_eigenvalues"], torch.linalg.eigvalsh(F).flip(0)[:3], rtol=1e-6)
-    assert report["jacobian"]["mode"] == ("reverse" if "sdpa" in case else "forward")
+    assert report["jacobian"]["mode"] == ("forward" if case == "residual_inplace" else "reverse")
+    assert ("no forward-mode AD" in report["products"]["method"]) == (
+        not cache and case != "residual_inplace")
     op = ExactFisher(model, (x, y))
     layers = discover(model).layers
     assert [row["name"] for row in report["layers"]] == list(layers)

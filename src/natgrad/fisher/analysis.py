@@ -129,7 +129,7 @@ def analyze(
     # matmuls per layer, not a pass through the network; they give the exact diagonal for free
     # the same pass also sums the K-FAC statistics (same directions, same layer outputs)
     rows, kfac_stats = rows_and_statistics(op, max_bytes=cache_bytes) if cache else (None, None)
-    report["products"] = rows_summary(rows)
+    report["products"] = rows_summary(rows, op.jacobian_mode, cache)
     if rows is not None:
         op = rows
         diag = rows.diagonal().double()

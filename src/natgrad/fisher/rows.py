@@ -369,10 +369,15 @@ def _per_sample_rows(G: Tensor, A: Tensor, bias: bool, out: Tensor, memory_eleme
             out[s:s + sub] = M.reshape(M.shape[0], -1)
 
 
-def rows_summary(rows: RowFisher | None) -> dict[str, object]:
-    """How an analysis multiplies by ``F``: a JSON-ready line for its report."""
+def rows_summary(rows: RowFisher | None, jacobian_mode: str | None = "forward",
+                 cache: bool = True) -> dict[str, object]:
+    """How an analysis multiplies by ``F``: a JSON-ready line for its report (``jacobian_mode``
+    and ``cache``: of the operator used when there are no rows)."""
     if rows is None:
-        return {"method": "jvp + vjp per chunk (rows did not fit the memory budget)"}
+        how = ("jvp + vjp per chunk" if jacobian_mode != "reverse" else
+               "rows of B_n J_n per chunk from backward passes (no forward-mode AD)")
+        why = "rows did not fit the memory budget" if cache else "cache=False"
+        return {"method": f"{how} ({why})"}
     return {"method": "rows of B_n J_n in memory (RowFisher)", "bytes": rows.nbytes,
             "blocks": {b.name or "<other parameters>": type(b).__name__.strip("_")
                        for b in rows.blocks}}
