@@ -145,7 +145,6 @@ class _Call(NamedTuple):
     edge: Any
     output: Tensor  # the output's shape and dtype, on the meta device
     record: Any
-    version: int  # the input's version counter when the layer ran
 
 
 def pullbacks(
@@ -177,7 +176,6 @@ def pullbacks(
     """
     fisher = check_fisher(fisher)
     store: dict[str, _Call] = {}
-    copy_inputs = False  # set once an input was found modified in place after its layer ran
 
     def hook(name: str, helper: LayerHelper):
         def fn(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -186,10 +184,8 @@ def pullbacks(
             # everything read now, inside the forward: a later in-place op (ReLU(inplace=True),
             # x += shortcut) rewrites the output tensor and its grad_fn, not this edge or record
             x = inputs[0].detach()
-            x = x.clone() if copy_inputs else x
             store[name] = _Call(x, get_gradient_edge(output),
-                                torch.empty_like(output, device="meta"), helper.record(x, output),
-                                x._version)
+                                torch.empty_like(output, device="meta"), helper.record(x, output))
         return fn
 
     param = next(model.parameters(), None)
@@ -203,13 +199,6 @@ def pullbacks(
             store.clear()
             with torch.enable_grad():
                 out = find_output(model(*args, **kwargs), output_key)
-            if not copy_inputs and any(c.input._version != c.version for c in store.values()):
-                # a layer input changed in place after the layer ran (the record may be a view
-                # of it): this and later chunks keep copies of the inputs
-                copy_inputs = True
-                store.clear()
-                with torch.enable_grad():
-                    out = find_output(model(*args, **kwargs), output_key)
             names = list(store)
             gen = torch.Generator(device=out.device).manual_seed(seed + i)
             directions = output_directions(likelihood, fisher, out, y, gen, samples=mc_samples)

@@ -200,7 +200,7 @@ def _formula_fails(op: Any, slots: dict[str, LayerSlot], x: Any) -> list[str]:
     pnames = [op.names[i] for s in slots.values() for i in s.indices]
     params = dict(op._params)
     params.update({n: params[n].detach().requires_grad_(True) for n in pnames})
-    with LayerTap(_modules(slots), copy_inputs=True) as tap, torch.enable_grad():
+    with LayerTap(_modules(slots)) as tap, torch.enable_grad():
         out = op._f(params, x)
     if not out.requires_grad:
         return []

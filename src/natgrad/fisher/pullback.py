@@ -94,32 +94,20 @@ class ChunkPullback:
 
 class LayerTap:
     """Forward hooks that record each layer's input and the autograd edge of its output
-    (and how often each layer ran).
+    (and how often each layer ran)."""
 
-    Args:
-        copy_inputs: keep copies of the inputs; otherwise they are kept as they are (no copy)
-            and :meth:`inputs_modified` tells whether an in-place op changed one afterwards."""
-
-    def __init__(self, modules: dict[str, nn.Module], copy_inputs: bool = False) -> None:
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
-        self.copy_inputs = copy_inputs
         self.inputs: dict[str, Tensor] = {}
         self.edges: dict[str, Any] = {}
         self.shapes: dict[str, torch.Size] = {}
         self.calls: dict[str, int] = {}
-        self._versions: dict[str, int] = {}
         self._handles: list[Any] = []
-
-    def inputs_modified(self) -> bool:
-        """Whether a recorded input was changed in place after its layer ran."""
-        return any(self.inputs[n]._version != v for n, v in self._versions.items())
 
     def _hook(self, name: str) -> Callable:
         def fn(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
             self.calls[name] = self.calls.get(name, 0) + 1
-            x = inputs[0].detach()
-            self.inputs[name] = x.clone() if self.copy_inputs else x
-            self._versions[name] = self.inputs[name]._version
+            self.inputs[name] = inputs[0].detach()
             self.shapes[name] = output.shape
             if output.requires_grad:
                 self.edges[name] = get_gradient_edge(output)
@@ -140,7 +128,6 @@ class LayerTap:
 
     def clear(self) -> None:
         self.inputs, self.edges, self.shapes, self.calls = {}, {}, {}, {}
-        self._versions = {}
 
 
 def probe(forward: Callable[[Tensor], Tensor], modules: dict[str, nn.Module], x: Tensor
@@ -183,11 +170,6 @@ def layer_pullbacks(
             tap.clear()
             with torch.enable_grad():
                 out = forward(x)
-            if tap.inputs_modified():  # an in-place op after a layer changed its input
-                tap.copy_inputs = True  # from now on: copies (this chunk again)
-                tap.clear()
-                with torch.enable_grad():
-                    out = forward(x)
             B = output_factor(out.detach(), y, i)
             names = list(tap.edges)
             if not names or not out.requires_grad:
