@@ -105,3 +105,26 @@ def test_training_with_the_inside_loss_collects_curvature_without_warnings():
     assert all(n == 3 for n in opt.curvature.updates.values()), opt.curvature.updates
     assert before and all(not torch.equal(opt.factors[n][1].to_dense(), G)
                           for n, G in before.items())
+
+
+def test_empirical_mean_counts_the_terms_the_loss_uses():
+    """``loss_reduction="mean"``: the loss divides by the ``B (T - 1)`` positions with a target,
+    not by ``B T``; the rows equal those of the summed loss."""
+    def mean_loss(model, ids):
+        logits = model(ids).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+
+    def sum_loss(model, ids):
+        logits = model(ids).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1),
+                               reduction="sum")
+
+    def stats(loss_fn, reduction):
+        model = _gpt2()
+        opt = natgrad.KFAC(model, lr=0.01, fisher="empirical", loss_reduction=reduction)
+        loss_fn(model, _ids()).backward()
+        return opt._capture.collect()
+
+    mean, total = stats(mean_loss, "mean"), stats(sum_loss, "sum")
+    for name, st in total.items():
+        torch.testing.assert_close(mean[name].g, st.g, rtol=1e-12, atol=1e-14)

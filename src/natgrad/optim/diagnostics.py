@@ -62,7 +62,6 @@ def missing_statistics(opt: KFAC, stats: dict[str, LayerStatistics],
             functional.append(name)
         else:
             other.append(name)
-    messages = []
     if functional:
         if first:
             for name in functional:
@@ -76,8 +75,9 @@ def missing_statistics(opt: KFAC, stats: dict[str, LayerStatistics],
         messages.append(
             f"the backward reached layers {no_output} but not the output of the model given to "
             f"natgrad.KFAC ({type(opt.curvature.model).__name__}), which the {opt.fisher} Fisher "
-            "labels come from: the forward bypassed that model, or the loss uses another tensor "
-            "(pass output_key=... when the model returns a structure); no statistics this step")
+            "labels come from: the forward bypassed that model, or the loss is computed from "
+            "another tensor than the one natgrad reads as the logits (output_key=... names it "
+            "when the model returns a structure); no statistics this step")
     if other:
         messages.append(f"no curvature statistics for layers {other} at step {opt.steps} "
                         "(their recorded forwards were not backpropagated)")
