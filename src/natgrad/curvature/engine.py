@@ -11,6 +11,7 @@ coordinator all work through it; statistics reach it from one of the two capture
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,6 +29,7 @@ from ..factors import (
 )
 from ..layers import LayerHelper
 from ..norms import squared_norms, to_floats
+from .damping import damping_floor
 from .registration import Registration, discover
 
 
@@ -90,6 +92,9 @@ class KroneckerCurvature:
                 strategy, self.options, factor_dtype_for(w, factor_dtype), w.device)
         #: curvature updates applied per layer (identical on every rank: the schedule reads it)
         self.updates = {name: 0 for name in self.blocks}
+        #: per layer, the damping floor of its last refresh (:mod:`.damping`)
+        self.damping_floors: dict[str, float] = {}
+        self._floor_warned = False
 
     # ------------------------------------------------------------------ layers
     @property
@@ -150,13 +155,40 @@ class KroneckerCurvature:
 
     def refresh(self, name: str, damping: float) -> None:
         """Refresh layer ``name`` for damping ``λ`` (raises
-        :class:`~natgrad.factors.FactorRefreshError`, previous inverse kept)."""
-        self.blocks[name].refresh(damping)
+        :class:`~natgrad.factors.FactorRefreshError`, previous inverse kept).
+
+        ``λ`` below the layer's damping floor (:mod:`.damping`: ``√eps · λ_max`` of its factors'
+        precision) is raised to it, with one warning per curvature object; the floor of the
+        refresh is kept in :attr:`damping_floors` and applied by :meth:`solve` too."""
+        block = self.blocks[name]
+        if all(f.spectral or getattr(f, "diagonal", False) for f in block.factors):
+            block.refresh(damping)  # a spectral refresh does not depend on λ; the solve does
+            floor = damping_floor(block)
+        else:
+            floor = damping_floor(block)  # π-split strategies bake λ into the inverse
+            block.refresh(self._floored(name, damping, floor))
+        self.damping_floors[name] = floor
+        self._floored(name, damping, floor)
+
+    def _floored(self, name: str, damping: float, floor: float) -> float:
+        if damping >= floor:
+            return damping
+        if not self._floor_warned:
+            self._floor_warned = True
+            dtype = str(self.blocks[name].factors[0].dtype).replace("torch.", "")
+            warnings.warn(
+                f"natgrad: damping {damping:.3g} is below what the {dtype} factors of layer "
+                f"{name!r} resolve; using {floor:.3g} (sqrt(eps) x the block's largest "
+                "eigenvalue, the damping floor) — other layers likewise, see "
+                "curvature.damping_floors (warned once)", RuntimeWarning, stacklevel=4)
+        return floor
 
     def solve(self, name: str, blocks: list[Tensor], damping: float,
               norm2: Tensor | None = None) -> Direction:
-        """The damped natural-gradient direction of layer ``name``."""
-        return self.blocks[name].solve(blocks, damping, norm2)
+        """The damped natural-gradient direction of layer ``name`` (``λ`` at least the layer's
+        damping floor, :meth:`refresh`)."""
+        floor = self.damping_floors.get(name, 0.0)
+        return self.blocks[name].solve(blocks, self._floored(name, damping, floor), norm2)
 
     # ------------------------------------------------------------------ reporting
     def summary_lines(self) -> list[str]:
