@@ -3,6 +3,7 @@ accumulation over micro-batches of unequal sizes. Each was silent or a crash."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -220,3 +221,35 @@ def test_float32_with_damping_1e_10_trains_with_the_damping_floor(factors):
     assert all(v > 1e-10 for v in opt.curvature.damping_floors.values())
     assert max(losses) < 1.5 * losses[0], max(losses)
     assert sum(losses[-8:]) / 8 < 0.1 * losses[0]
+
+
+@pytest.mark.parametrize("factors", ["eigh", "cholesky"])
+def test_a_checkpoint_with_the_damping_floor_active_resumes_identically(factors):
+    x, y = _xor_like(64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 3))
+    kw = dict(lr=0.1, damping=1e-10, factors=factors, inverse_every=3)
+    opt = natgrad.KFAC(model, **kw)
+
+    def steps(model, opt, start):
+        for i in range(start, start + 4):
+            part = slice(16 * (i % 4), 16 * (i % 4) + 16)
+            opt.zero_grad()
+            F.cross_entropy(model(x[part]), y[part]).backward()
+            opt.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        steps(model, opt, 0)
+        saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        steps(model, opt, 4)
+        torch.manual_seed(1)
+        twin = nn.Sequential(nn.Linear(10, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 3))
+        twin.load_state_dict(saved[0])
+        topt = natgrad.KFAC(twin, **kw)
+        topt.load_state_dict(saved[1])
+        steps(twin, topt, 4)
+    assert opt.curvature.damping_floors and all(v > 1e-10 for v in
+                                                opt.curvature.damping_floors.values())
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)

@@ -164,11 +164,16 @@ class KroneckerCurvature:
         if all(f.spectral or getattr(f, "diagonal", False) for f in block.factors):
             block.refresh(damping)  # a spectral refresh does not depend on λ; the solve does
             floor = damping_floor(block)
-        else:
-            floor = damping_floor(block)  # π-split strategies bake λ into the inverse
+        else:  # π-split strategies bake λ into the inverse
+            floor = damping_floor(block)
             block.refresh(self._floored(name, damping, floor))
-        self.damping_floors[name] = floor
+        self.damping_floors[name] = floor  # (a failed refresh keeps the previous one)
         self._floored(name, damping, floor)
+
+    def forget_floor(self, name: str) -> None:
+        """Drop layer ``name``'s cached damping floor (its state was replaced, e.g. received from
+        its owner): the next :meth:`solve` recomputes it from the state it has."""
+        self.damping_floors.pop(name, None)
 
     def _floored(self, name: str, damping: float, floor: float) -> float:
         if damping >= floor:
@@ -187,7 +192,9 @@ class KroneckerCurvature:
               norm2: Tensor | None = None) -> Direction:
         """The damped natural-gradient direction of layer ``name`` (``λ`` at least the layer's
         damping floor, :meth:`refresh`)."""
-        floor = self.damping_floors.get(name, 0.0)
+        floor = self.damping_floors.get(name)
+        if floor is None:
+            floor = self.damping_floors[name] = damping_floor(self.blocks[name])
         return self.blocks[name].solve(blocks, self._floored(name, damping, floor), norm2)
 
     # ------------------------------------------------------------------ reporting
@@ -213,11 +220,15 @@ class KroneckerCurvature:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        for name in self.blocks:  # every layer's floor, from the state saved with it
+            if name not in self.damping_floors:
+                self.damping_floors[name] = damping_floor(self.blocks[name])
         return {
             "strategy": self.strategy,
             "updates": dict(self.updates),
             "factors": {n: tuple(f.state_dict() for f in b.factors)
                         for n, b in self.blocks.items()},
+            "damping_floors": dict(self.damping_floors),
         }
 
     def check_state(self, state: Any) -> None:
@@ -249,6 +260,12 @@ class KroneckerCurvature:
         if updates is not None and (not isinstance(updates, dict)
                                     or set(updates) != set(self.blocks)):
             raise ValueError("state_dict 'updates' does not list the same layers")
+        floors = state.get("damping_floors")
+        if floors is not None and (not isinstance(floors, dict) or not set(floors) <= set(
+                self.blocks) or not all(isinstance(v, float) and math.isfinite(v) and v >= 0
+                                        for v in floors.values())):
+            raise ValueError("state_dict 'damping_floors' must map this optimizer's layers to "
+                             "finite floats >= 0")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` (validated completely first)."""
@@ -259,3 +276,5 @@ class KroneckerCurvature:
         updates = state.get("updates")
         self.updates = ({n: int(v) for n, v in updates.items()} if updates is not None else
                         {n: min(f.updates for f in b.factors) for n, b in self.blocks.items()})
+        # (a state without floors: recomputed from the loaded factors at the next solve)
+        self.damping_floors = dict(state.get("damping_floors") or {})
