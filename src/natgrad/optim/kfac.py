@@ -102,7 +102,10 @@ class KFAC(torch.optim.Optimizer):
             ``DistributedKFAC(...)`` with explicit options.
         output_key: where the logits are when the model returns a structure: ``None`` (a
             tensor, or the ``"logits"`` entry / attribute of a dict or ``ModelOutput``), a key
-            or attribute name, or a tuple index (:mod:`natgrad.curvature.outputs`).
+            or attribute name, or a tuple index (:mod:`natgrad.curvature.outputs`). A loss
+            computed inside the model (``model(ids, labels=ids).loss``) works as well: the
+            labels are drawn when the backward reaches the logits, and positions the loss leaves
+            out (a zero gradient, e.g. the shifted causal-LM loss's last position) get none.
         loss_reduction: how the loss reduces the per-sample negative log-likelihoods, read by
             ``fisher="empirical"`` only (it uses the loss's gradient): ``"batch_mean"`` (the
             mean over samples of per-sample sums over positions, natgrad's convention),
