@@ -11,6 +11,7 @@ coordinator all work through it; statistics reach it from one of the two capture
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,6 +29,7 @@ from ..factors import (
 )
 from ..layers import LayerHelper
 from ..norms import squared_norms, to_floats
+from .damping import damping_floor
 from .registration import Registration, discover
 
 
@@ -90,6 +92,9 @@ class KroneckerCurvature:
                 strategy, self.options, factor_dtype_for(w, factor_dtype), w.device)
         #: curvature updates applied per layer (identical on every rank: the schedule reads it)
         self.updates = {name: 0 for name in self.blocks}
+        #: per layer, the damping floor of its last refresh (:mod:`.damping`)
+        self.damping_floors: dict[str, float] = {}
+        self._floor_warned = False
 
     # ------------------------------------------------------------------ layers
     @property
@@ -150,13 +155,47 @@ class KroneckerCurvature:
 
     def refresh(self, name: str, damping: float) -> None:
         """Refresh layer ``name`` for damping ``λ`` (raises
-        :class:`~natgrad.factors.FactorRefreshError`, previous inverse kept)."""
-        self.blocks[name].refresh(damping)
+        :class:`~natgrad.factors.FactorRefreshError`, previous inverse kept).
+
+        ``λ`` below the layer's damping floor (:mod:`.damping`: ``√eps · λ_max`` of its factors'
+        precision) is raised to it, with one warning per curvature object; the floor of the
+        refresh is kept in :attr:`damping_floors` and applied by :meth:`solve` too."""
+        block = self.blocks[name]
+        if all(f.spectral or getattr(f, "diagonal", False) for f in block.factors):
+            block.refresh(damping)  # a spectral refresh does not depend on λ; the solve does
+            floor = damping_floor(block)
+        else:  # π-split strategies bake λ into the inverse
+            floor = damping_floor(block)
+            block.refresh(self._floored(name, damping, floor))
+        self.damping_floors[name] = floor  # (a failed refresh keeps the previous one)
+        self._floored(name, damping, floor)
+
+    def forget_floor(self, name: str) -> None:
+        """Drop layer ``name``'s cached damping floor (its state was replaced, e.g. received from
+        its owner): the next :meth:`solve` recomputes it from the state it has."""
+        self.damping_floors.pop(name, None)
+
+    def _floored(self, name: str, damping: float, floor: float) -> float:
+        if damping >= floor:
+            return damping
+        if not self._floor_warned:
+            self._floor_warned = True
+            dtype = str(self.blocks[name].factors[0].dtype).replace("torch.", "")
+            warnings.warn(
+                f"natgrad: damping {damping:.3g} is below what the {dtype} factors of layer "
+                f"{name!r} resolve; using {floor:.3g} (sqrt(eps) x the block's largest "
+                "eigenvalue, the damping floor) — other layers likewise, see "
+                "curvature.damping_floors (warned once)", RuntimeWarning, stacklevel=4)
+        return floor
 
     def solve(self, name: str, blocks: list[Tensor], damping: float,
               norm2: Tensor | None = None) -> Direction:
-        """The damped natural-gradient direction of layer ``name``."""
-        return self.blocks[name].solve(blocks, damping, norm2)
+        """The damped natural-gradient direction of layer ``name`` (``λ`` at least the layer's
+        damping floor, :meth:`refresh`)."""
+        floor = self.damping_floors.get(name)
+        if floor is None:
+            floor = self.damping_floors[name] = damping_floor(self.blocks[name])
+        return self.blocks[name].solve(blocks, self._floored(name, damping, floor), norm2)
 
     # ------------------------------------------------------------------ reporting
     def summary_lines(self) -> list[str]:
@@ -181,11 +220,15 @@ class KroneckerCurvature:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        for name in self.blocks:  # every layer's floor, from the state saved with it
+            if name not in self.damping_floors:
+                self.damping_floors[name] = damping_floor(self.blocks[name])
         return {
             "strategy": self.strategy,
             "updates": dict(self.updates),
             "factors": {n: tuple(f.state_dict() for f in b.factors)
                         for n, b in self.blocks.items()},
+            "damping_floors": dict(self.damping_floors),
         }
 
     def check_state(self, state: Any) -> None:
@@ -217,6 +260,12 @@ class KroneckerCurvature:
         if updates is not None and (not isinstance(updates, dict)
                                     or set(updates) != set(self.blocks)):
             raise ValueError("state_dict 'updates' does not list the same layers")
+        floors = state.get("damping_floors")
+        if floors is not None and (not isinstance(floors, dict) or not set(floors) <= set(
+                self.blocks) or not all(isinstance(v, float) and math.isfinite(v) and v >= 0
+                                        for v in floors.values())):
+            raise ValueError("state_dict 'damping_floors' must map this optimizer's layers to "
+                             "finite floats >= 0")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` (validated completely first)."""
@@ -227,3 +276,5 @@ class KroneckerCurvature:
         updates = state.get("updates")
         self.updates = ({n: int(v) for n, v in updates.items()} if updates is not None else
                         {n: min(f.updates for f in b.factors) for n, b in self.blocks.items()})
+        # (a state without floors: recomputed from the loaded factors at the next solve)
+        self.damping_floors = dict(state.get("damping_floors") or {})

@@ -8,8 +8,22 @@ and a hook on the model finds the logits (:mod:`.outputs`). The output gradients
   output (a pre-hook on that autograd node, immune to later in-place ops);
 * ``fisher="mc"`` / ``"exact"``: from a pull-back of the Monte-Carlo / Hessian-square-root
   directions (:mod:`.rows`) to the layer outputs, run *inside* the user's backward the moment it
-  reaches the logits (a pass-through autograd node on the model output), so the labels are drawn
-  only for outputs that are really backpropagated, and the graph is still whole.
+  reaches the logits (a pre-hook on the autograd node that made them), so the labels are drawn
+  only for outputs that are really backpropagated, and the graph is still whole. This works
+  whether the loss is computed outside the model or inside it (``model(x, labels=y).loss``, the
+  Hugging Face pattern: the model's output is then a mapping whose ``logits`` entry is found as
+  by :mod:`.outputs`).
+
+**Positions the loss uses.** The gradient the user's backward brings to the logits says which
+positions the loss uses: a position whose gradient is exactly zero (a shifted causal-LM loss
+leaves the last position without a target, ``ignore_index`` masks padding) is left out of the
+Monte-Carlo / exact directions, and of the term count of ``loss_reduction="mean"``, so the
+statistics are those of the loss actually computed. (A cross-entropy gradient is never exactly
+zero at a used position.)
+
+**Non-finite outputs.** A pass whose logits cannot give finite directions (NaN / inf) commits no
+statistics; :attr:`CaptureReport.nonfinite` names its layers so that the optimizer warns once and
+skips the curvature update of that step (no layer is dropped for it).
 
 **Statistics are committed only by a backward.** A forward that is never backpropagated (an
 extra train-mode forward, a metric) leaves no trace and draws no label; hooks skip eval mode,
@@ -20,8 +34,7 @@ calls it: those statistics belong to gradients being thrown away, e.g. a step a 
 skipped).
 
 The user's model is never modified: no attributes are set on it, and its train/eval mode is read,
-never changed. Its output object is not modified either; on curvature steps the forward returns a
-shallow copy whose logits pass through the capture's autograd node.
+never changed, and its output is returned as it is.
 """
 
 from __future__ import annotations
@@ -36,14 +49,14 @@ from torch.autograd.graph import get_gradient_edge
 
 from ..layers import LayerHelper
 from ..likelihoods import Likelihood
-from .outputs import check_output_key, find_output, replace_output
+from .outputs import check_output_key, find_output
 from .rows import output_directions, pullback
 from .statistics import LayerStatistics, check_fisher
 
 #: how the user's loss is reduced, for the empirical Fisher (which reads its gradient)
 LOSS_REDUCTIONS = ("batch_mean", "mean", "sum")
 #: how gradient accumulation combines the micro-batch losses
-ACCUMULATIONS = ("mean", "sum")
+ACCUMULATIONS = ("mean", "sum", "full_batch")
 
 
 def check_capture_options(loss_reduction: object, accumulation: object) -> None:
@@ -51,9 +64,10 @@ def check_capture_options(loss_reduction: object, accumulation: object) -> None:
     if loss_reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"invalid loss_reduction={loss_reduction!r}: accepted values: "
                          f"{list(LOSS_REDUCTIONS)}")
-    if accumulation not in ACCUMULATIONS:
+    if accumulation is not None and accumulation not in ACCUMULATIONS:
         raise ValueError(f"invalid accumulation={accumulation!r}: accepted values: "
-                         f"{list(ACCUMULATIONS)}")
+                         f"{list(ACCUMULATIONS)} (or None: 'mean', with a warning when the "
+                         "micro-batches of a step differ in size)")
 
 
 def _transformed(t: Tensor) -> bool:
@@ -83,28 +97,16 @@ class _Pass:
     records: list[_Record] = field(default_factory=list)
     output: Tensor | None = None  # the logits' value (mc / exact) or None
     edge: Any = None  # the logits' GradientEdge
+    handle: Any = None  # the pre-hook on the logits' autograd node
+    samples: int | None = None  # the batch size of the model output
     terms: int | None = None  # likelihood terms in the pass (for loss_reduction="mean")
     scale: float = 1.0  # the grad scaler's scale at the forward
     tapped: bool = False  # the Monte-Carlo / exact pull-back ran
-    finite: bool = True
+    finite: bool = True  # False: the logits gave non-finite directions; no statistics
 
     @property
     def backpropagated(self) -> bool:
         return self.tapped or any(r.g for r in self.records)
-
-
-class _Tap(torch.autograd.Function):
-    """Identity on the logits whose backward first pulls the capture's directions back."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: Tensor, pull: Callable[[], None]) -> Tensor:
-        ctx.pull = pull
-        return logits.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        ctx.pull()
-        return grad, None
 
 
 @dataclass
@@ -117,11 +119,18 @@ class CaptureReport:
         without_output: layers the backward reached although the model output the labels are
             sampled from was never backpropagated (the forward did not go through the model,
             or the loss ignores its output): no Monte-Carlo / exact rows for them.
+        nonfinite: layers of passes whose logits were not finite (no directions to pull back):
+            no statistics this step.
+        unequal_sizes: the sizes (samples, or terms for ``loss_reduction="mean"``) of the
+            micro-batches of a step when they differ and ``accumulation`` was left at its
+            default (``None``); empty otherwise.
     """
 
     called: set[str] = field(default_factory=set)
     complete: set[str] = field(default_factory=set)
     without_output: set[str] = field(default_factory=set)
+    nonfinite: set[str] = field(default_factory=set)
+    unequal_sizes: list[int] = field(default_factory=list)
 
 
 class HookCapture:
@@ -138,8 +147,13 @@ class HookCapture:
             per-sample negative log-likelihoods, each summed over positions: natgrad's
             convention), ``"mean"`` (the mean over every term, torch's default for flattened
             sequence logits or elementwise losses) or ``"sum"``.
-        accumulation: ``"mean"`` (each of the ``K`` micro-batch losses of a step divided by
-            ``K``, so the gradient is the full-batch one) or ``"sum"`` (summed as they are).
+        accumulation: for ``"empirical"``: ``"mean"`` (each of the ``K`` micro-batch losses of
+            a step divided by ``K``), ``"sum"`` (summed as they are) or ``"full_batch"`` (each
+            weighted by its share of the step's samples, ``loss_i · n_i / N`` — of its terms
+            ``t_i / T`` for ``loss_reduction="mean"`` — so the accumulated loss is the
+            full-batch loss whatever the micro-batch sizes). ``None`` (default): ``"mean"``,
+            and :attr:`CaptureReport.unequal_sizes` lists the sizes when a step's micro-batches
+            differ (then ``"mean"`` and ``"full_batch"`` disagree).
         grad_scaler: a ``torch.amp.GradScaler`` whose scale the user's gradients carry.
     """
 
@@ -153,7 +167,7 @@ class HookCapture:
         *,
         output_key: str | int | None = None,
         loss_reduction: str = "batch_mean",
-        accumulation: str = "mean",
+        accumulation: str | None = None,
         grad_scaler: Any = None,
     ) -> None:
         self.fisher = check_fisher(fisher)
@@ -164,7 +178,8 @@ class HookCapture:
         self.generator = generator
         self.output_key = check_output_key(output_key)
         self.loss_reduction = loss_reduction
-        self.accumulation = accumulation
+        self.accumulation = accumulation if accumulation is not None else "mean"
+        self._size_check = accumulation is None
         self.grad_scaler = grad_scaler
         self.report = CaptureReport()
         self._passes: list[_Pass] = []
@@ -211,8 +226,8 @@ class HookCapture:
 
     def _layer_hook(self, name: str, helper: LayerHelper) -> Callable:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if not self._recording(module, output):
-                return
+            if name not in self.layers or not self._recording(module, output):
+                return  # (a layer taken out of preconditioning since the hooks were attached)
             x = inputs[0].detach()
             edge = get_gradient_edge(output)
             kept = helper.record(x, output)
@@ -240,38 +255,80 @@ class HookCapture:
 
         return hook
 
-    def _model_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+    def _model_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         current, self._current = self._current, None
         if current is None:
-            return None
+            return
         self._passes.append(current)
         logits = find_output(output, self.output_key)
         if _transformed(logits):
-            return None
-        current.terms = int(logits.shape[0]) * self.likelihood.positions(logits)
-        if self.fisher == "empirical" or not logits.requires_grad or not current.records:
-            return None
-        current.output = logits.detach().clone()
+            return
+        current.samples = int(logits.shape[0])
+        current.terms = current.samples * self.likelihood.positions(logits)
+        if not logits.requires_grad or not current.records:
+            return
+        if self.fisher != "empirical":
+            current.output = logits.detach().clone()
         current.edge = get_gradient_edge(logits)
-        return replace_output(output, self.output_key,
-                              _Tap.apply(logits, lambda: self._pull(current)))
+        current.handle = current.edge.node.register_prehook(self._logits_hook(current))
 
-    def _pull(self, p: _Pass) -> None:
-        """Inside the user's backward, at the logits: the Monte-Carlo / exact rows of the pass."""
-        if p.tapped or p.output is None:
+    def _logits_hook(self, p: _Pass) -> Callable:
+        """Pre-hook on the logits' autograd node: fires when the user's backward reaches the
+        logits, wherever the loss was computed (outside the model or inside it)."""
+        index = p.edge.output_nr
+
+        def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            grad = grad_outputs[index]
+            if grad is not None:
+                self._pull(p, grad.detach())
+            return None
+
+        return hook
+
+    def _used_positions(self, grad: Tensor) -> Tensor:
+        """``(m, P)``: the positions whose loss gradient is not exactly zero (used by the
+        loss)."""
+        return (self.likelihood.events(grad) != 0).any(-1)
+
+    def _pull(self, p: _Pass, grad: Tensor) -> None:
+        """Inside the user's backward, at the logits (whose incoming gradient is ``grad``): the
+        Monte-Carlo / exact rows of the pass, restricted to the positions the loss uses; for the
+        empirical Fisher only the count of those positions."""
+        if p.tapped:
             return
         p.tapped = True
-        if not bool(torch.isfinite(p.output).all()):
-            p.finite = False  # nothing sensible to sample from; the step is skipped anyway
+        used = self._used_positions(grad)
+        if self.fisher == "empirical":
+            p.terms = int(used.sum())
             return
+        assert p.output is not None
+        directions = self._directions(p.output)
+        if directions is None:
+            p.finite = False  # nothing sensible to sample from (reported by collect)
+            return
+        if not bool(used.all()):
+            R, m, P = directions.shape[0], *used.shape
+            mask = used.to(directions.dtype).reshape(1, m, P, 1)
+            directions = (directions.reshape(R, m, P, -1) * mask).reshape(directions.shape)
         with torch.enable_grad():
-            directions = output_directions(self.likelihood, self.fisher, p.output,
-                                           generator=self.generator)
             grads = pullback(p.edge, [r.edge for r in p.records], directions)
-        for record, grad in zip(p.records, grads):
-            if grad is not None:
+        for record, g in zip(p.records, grads):
+            if g is not None:
                 helper = self.layers[record.name]
-                record.g.append(helper.g_rows(grad.detach(), record.kept))
+                record.g.append(helper.g_rows(g.detach(), record.kept))
+
+    def _directions(self, output: Tensor) -> Tensor | None:
+        """The Monte-Carlo / exact directions for ``output``, or ``None`` when they are not
+        finite (NaN / inf logits; ``-inf`` logits of excluded classes are fine)."""
+        if bool(torch.isfinite(output).all()):
+            return output_directions(self.likelihood, self.fisher, output,
+                                     generator=self.generator)
+        try:
+            directions = output_directions(self.likelihood, self.fisher, output,
+                                           generator=self.generator)
+        except RuntimeError:  # torch.multinomial refuses NaN / inf probabilities
+            return None
+        return directions if bool(torch.isfinite(directions).all()) else None
 
     # ------------------------------------------------------------------ API
     def _all_passes(self) -> list[_Pass]:
@@ -282,29 +339,38 @@ class HookCapture:
 
     def collect(self) -> dict[str, LayerStatistics]:
         """Statistics of the backpropagated passes since the last call, per layer (layers without
-        any omitted); :attr:`report` says what was seen. Clears everything."""
-        passes = [p for p in self._all_passes() if p.finite]
+        any omitted); :attr:`report` says what was seen. Clears everything.
+
+        When a pass's logits were not finite, nothing is committed for the step (its layers are
+        listed in :attr:`CaptureReport.nonfinite`)."""
+        passes = self._all_passes()
         report = CaptureReport()
-        done = [p for p in passes if p.backpropagated]
-        scale_now = (float(self.grad_scaler.get_scale()) if self.grad_scaler is not None
-                     else 1.0)
-        # a pass taken at another scale belongs to a step the scaler skipped
-        done = [p for p in done if p is self._orphans or p.scale == scale_now]
-        K = len(done)
-        parts: dict[str, tuple[list[Tensor], list[Tensor], list[int], list[int]]] = {}
         for p in passes:
             for r in p.records:
                 report.called.add(r.name)
-                if self.fisher != "empirical" and r.reached and not p.tapped:
+                if not p.finite:
+                    report.nonfinite.add(r.name)
+                elif self.fisher != "empirical" and r.reached and not p.tapped:
                     report.without_output.add(r.name)
+        scale_now = (float(self.grad_scaler.get_scale()) if self.grad_scaler is not None
+                     else 1.0)
+        # a pass taken at another scale belongs to a step the scaler skipped
+        done = [p for p in passes if p.backpropagated
+                and (p is self._orphans or p.scale == scale_now)]
+        if report.nonfinite:
+            done = []  # the step's curvature update is skipped
+        sizes = [self._size(p) for p in done] if self.fisher == "empirical" else []
+        if self._size_check and self.loss_reduction != "sum" and len(set(sizes)) > 1:
+            report.unequal_sizes = sizes
+        parts: dict[str, tuple[list[Tensor], list[Tensor], list[int], list[int]]] = {}
         for p in done:
             for r in p.records:
-                if not r.g:
+                if not r.g or r.name not in self.layers:
                     continue
                 a, g, samples, locations = parts.setdefault(r.name, ([], [], [], []))
                 a.append(r.a)
                 if self.fisher == "empirical":
-                    mult = self._multiplier(r, p, K, scale_now)
+                    mult = self._multiplier(r, p, sizes, scale_now)
                     g.extend(rows * mult for rows in r.g)
                 else:
                     g.extend(r.g)
@@ -326,21 +392,34 @@ class HookCapture:
         self.clear()
         return out
 
-    def _multiplier(self, r: _Record, p: _Pass, passes: int, scale: float) -> float:
-        """From the gradient of the user's loss at the layer output to per-sample rows."""
-        if self.loss_reduction == "batch_mean":
-            mult = float(r.samples)
-        elif self.loss_reduction == "mean":
+    def _size(self, p: _Pass) -> int:
+        """What ``loss_reduction`` divides the pass's loss by: its samples (``"batch_mean"``),
+        its terms (``"mean"``) or 1 (``"sum"``)."""
+        if self.loss_reduction == "sum":
+            return 1
+        if self.loss_reduction == "mean":
             if p.terms is None:
+                name = p.records[0].name if p.records else "?"
                 raise ValueError(
                     f"natgrad: loss_reduction='mean' needs the model output to count its terms, "
-                    f"but layer {r.name!r} ran outside a forward of the model; use "
+                    f"but layer {name!r} ran outside a forward of the model; use "
                     "loss_reduction='batch_mean' or 'sum'")
-            mult = float(p.terms)
+            return p.terms
+        return p.samples if p.samples is not None else max(r.samples for r in p.records)
+
+    def _multiplier(self, r: _Record, p: _Pass, sizes: list[int], scale: float) -> float:
+        """From the gradient of the user's loss at the layer output to per-sample rows.
+
+        The user's loss is ``Σ_i w_i · ℓ_i / s_i`` over the step's micro-batches ``i`` (``ℓ_i``
+        the sum of the per-sample negative log-likelihoods, ``s_i`` :meth:`_size`), with
+        ``w_i = 1/K`` (``accumulation="mean"``), ``1`` (``"sum"``) or ``s_i / Σ_j s_j``
+        (``"full_batch"``); the rows of pass ``i`` are its gradient times ``s_i / w_i``."""
+        if self.accumulation == "full_batch":
+            mult = float(sum(sizes)) if self.loss_reduction != "sum" else 1.0
         else:
-            mult = 1.0
-        if self.accumulation == "mean":
-            mult *= passes
+            mult = float(r.samples if self.loss_reduction == "batch_mean" else self._size(p))
+            if self.accumulation == "mean":
+                mult *= len(sizes)
         return mult / (p.scale if p is not self._orphans else scale)
 
     def discard_backpropagated(self) -> None:
@@ -363,6 +442,9 @@ class HookCapture:
 
     @staticmethod
     def _release(p: _Pass) -> None:
+        if p.handle is not None:
+            p.handle.remove()
+            p.handle = None
         for r in p.records:
             if r.handle is not None:
                 r.handle.remove()

@@ -215,6 +215,8 @@ class DistributedKFAC(SingleProcess):
             if not names:
                 return []
         metas = self._exchange(names, send_tensors=self.broadcast != "gradient", errors=errors)
+        for n in names:  # the owners' states arrived: floors are recomputed from them
+            self.curvature.forget_floor(n)
         return [(n, FactorRefreshError(m["error"])) for n, m in metas.items() if m.get("error")]
 
     def sync_state(self) -> None:
@@ -226,6 +228,8 @@ class DistributedKFAC(SingleProcess):
         assert self.curvature is not None
         if self.broadcast == "gradient":
             self._exchange(list(self.curvature.blocks), send_tensors=True, errors={})
+            for n in self.curvature.blocks:  # recomputed from the same state on every rank
+                self.curvature.forget_floor(n)
 
     def _exchange(self, names: list[str], send_tensors: bool, errors: dict[str, str | None]
                   ) -> dict[str, dict[str, Any]]:

@@ -100,9 +100,10 @@ def load_model(cfg: AnalyzeConfig) -> tuple[torch.nn.Module, str, str]:
     if cfg.checkpoint is not None:
         try:
             model, ckpt = load_checkpoint(cfg.checkpoint)
-        except Exception as exc:  # a torch.load / state_dict failure: one line
-            raise ExperimentError(f"checkpoint {cfg.checkpoint}: cannot load ({exc})"
-                                  .splitlines()[0]) from None
+        except Exception as exc:  # a damaged file / state_dict failure: one line
+            text = str(exc) if str(exc).startswith("checkpoint ") else (
+                f"checkpoint {cfg.checkpoint}: cannot load ({exc})")
+            raise ExperimentError(text.splitlines()[0]) from None
         data = cfg.data or ckpt["dataset"]
         if data != ckpt["dataset"]:
             raise ExperimentError(f"the checkpoint was trained on {ckpt['dataset']!r}, not "

@@ -23,6 +23,8 @@ from .registry import (
     get_model_spec,
     load_checkpoint,
     loss_kind,
+    payload_digest,
+    read_checkpoint,
     save_checkpoint,
 )
 
@@ -50,6 +52,8 @@ __all__ = [
     "get_model_spec",
     "load_checkpoint",
     "loss_kind",
+    "payload_digest",
+    "read_checkpoint",
     "save_checkpoint",
 ]
 

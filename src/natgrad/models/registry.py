@@ -1,13 +1,18 @@
 """The table of models: name → builder, loss kind and default widths. Adding a model is one entry.
 
 Checkpoints written by :func:`save_checkpoint` hold the registry name, widths and data-set info
-next to the ``state_dict``, so :func:`load_checkpoint` can rebuild the network. The table imports
-no torch (the command line's help lists it): the networks are imported when one is built.
+next to the ``state_dict``, so :func:`load_checkpoint` can rebuild the network, and the SHA-256
+digest of all of it (:func:`payload_digest`), which :func:`load_checkpoint` verifies: a damaged
+file is refused with an error naming it (a checkpoint written before the digest existed loads with
+a warning that it could not be checked). The table imports no torch (the command line's help
+lists it): the networks are imported when one is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,6 +174,45 @@ def build_model(
     return spec.builder(dataset_info, widths)
 
 
+#: the checkpoint entry holding :func:`payload_digest` of every other entry
+DIGEST_KEY = "sha256"
+
+
+def _feed(h: Any, value: Any) -> None:
+    """Feed ``value`` to the hash ``h`` canonically: mappings by sorted key, sequences in order,
+    tensors by dtype, shape and raw bytes, scalars and strings typed (so ``1`` ≠ ``"1"``)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        h.update(f"M{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            _feed(h, key)
+            _feed(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__[0]}{len(value)}".encode())
+        for item in value:
+            _feed(h, item)
+    elif isinstance(value, (bytes, bytearray)):
+        h.update(b"B%d" % len(value) + bytes(value))
+    elif isinstance(value, str):
+        data = value.encode()
+        h.update(b"S%d" % len(data) + data)
+    else:  # None, bool, int, float, torch.dtype / torch.Size-like scalars
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def payload_digest(payload: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint's entries other than :data:`DIGEST_KEY`, computed over
+    their values (tensor bytes included), independent of how ``torch.save`` laid them out."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != DIGEST_KEY})
+    return h.hexdigest()
+
+
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -177,7 +221,8 @@ def save_checkpoint(
     hidden: Sequence[int] | None = None,
     **extra: Any,
 ) -> Path:
-    """Save ``{"model", "hidden", "dataset", "input_shape", "num_classes", "state_dict", …}``."""
+    """Save ``{"model", "hidden", "dataset", "input_shape", "num_classes", "state_dict", …}`` and
+    their SHA-256 digest (``"sha256"``, verified by :func:`load_checkpoint`)."""
     import torch
 
     spec = get_model_spec(name)
@@ -193,15 +238,56 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
+    if DIGEST_KEY in extra:
+        raise ValueError(f"save_checkpoint: {DIGEST_KEY!r} is reserved for the checkpoint's "
+                         "digest")
+    payload[DIGEST_KEY] = payload_digest(payload)
     torch.save(payload, path)
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by :func:`save_checkpoint`; returns ``(model, checkpoint dict)``."""
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The entries of a checkpoint file, verified against its SHA-256 digest.
+
+    Raises:
+        ValueError: naming the file, when it cannot be read, is not a natgrad checkpoint, or
+            its contents do not match the digest stored with them (the file is damaged).
+            Nothing is built or changed.
+
+    A checkpoint without a digest (written before natgrad stored one) is returned with a
+    ``UserWarning`` saying that it could not be checked.
+    """
     import torch
 
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # zip / unpickling errors of a damaged file: one line
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"checkpoint {path}: cannot be read, the file is damaged or not a "
+                         f"torch checkpoint ({first})") from None
+    missing = [k for k in ("model", "dataset", "input_shape", "num_classes", "state_dict")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {path}: not a natgrad checkpoint (no {missing})")
+    stored = ckpt.get(DIGEST_KEY)
+    if stored is None:
+        warnings.warn(f"checkpoint {path} has no SHA-256 digest (written before natgrad stored "
+                      "one): loaded without an integrity check", UserWarning, stacklevel=3)
+        return ckpt
+    computed = payload_digest(ckpt)
+    if computed != stored:
+        raise ValueError(f"checkpoint {path}: its contents do not match the SHA-256 digest "
+                         f"stored with them (stored {str(stored)[:16]}…, computed "
+                         f"{computed[:16]}…): the file is damaged; nothing was loaded")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_checkpoint`; returns ``(model, checkpoint dict)``.
+
+    The file is verified first (:func:`read_checkpoint`): a damaged one raises ``ValueError``
+    naming it, and nothing is built."""
+    ckpt = read_checkpoint(path)
     info = DatasetInfo(ckpt["dataset"], tuple(ckpt["input_shape"]), ckpt["num_classes"],
                        ckpt.get("vocab", 0))
     spec = get_model_spec(ckpt["model"])

@@ -102,7 +102,10 @@ class KFAC(torch.optim.Optimizer):
             ``DistributedKFAC(...)`` with explicit options.
         output_key: where the logits are when the model returns a structure: ``None`` (a
             tensor, or the ``"logits"`` entry / attribute of a dict or ``ModelOutput``), a key
-            or attribute name, or a tuple index (:mod:`natgrad.curvature.outputs`).
+            or attribute name, or a tuple index (:mod:`natgrad.curvature.outputs`). A loss
+            computed inside the model (``model(ids, labels=ids).loss``) works as well: the
+            labels are drawn when the backward reaches the logits, and positions the loss leaves
+            out (a zero gradient, e.g. the shifted causal-LM loss's last position) get none.
         loss_reduction: how the loss reduces the per-sample negative log-likelihoods, read by
             ``fisher="empirical"`` only (it uses the loss's gradient): ``"batch_mean"`` (the
             mean over samples of per-sample sums over positions, natgrad's convention),
@@ -110,8 +113,12 @@ class KFAC(torch.optim.Optimizer):
             sequence logits) or ``"sum"``.
         accumulation: how several backward passes before one ``step()`` combine, read by
             ``fisher="empirical"`` only: ``"mean"`` (each micro-batch loss divided by the
-            number of micro-batches, the usual recipe) or ``"sum"`` (added as they are). The
-            Monte-Carlo and exact Fishers are right for both.
+            number of micro-batches), ``"sum"`` (added as they are) or ``"full_batch"`` (each
+            weighted by its share of the step's samples, ``loss_i * n_i / N`` — of its terms
+            for ``loss_reduction="mean"`` —, the full-batch loss whatever the micro-batch
+            sizes). ``None`` (default): ``"mean"``, with one warning if a step's micro-batches
+            differ in size (where ``"mean"`` and ``"full_batch"`` disagree). The Monte-Carlo
+            and exact Fishers are right for all.
         grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop: the empirical
             statistics are unscaled, and the statistics of a step the scaler skipped are
             dropped. (``scaler.step(optimizer)`` unscales the gradients before the step.)
@@ -148,7 +155,7 @@ class KFAC(torch.optim.Optimizer):
         distributed: Any = None,
         output_key: str | int | None = None,
         loss_reduction: str = "batch_mean",
-        accumulation: str = "mean",
+        accumulation: str | None = None,
         grad_scaler: Any = None,
         preconditioner: bool = False,
     ) -> None:
@@ -211,6 +218,7 @@ class KFAC(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.skipped_curvature_updates = 0
         self.failed_refreshes = 0
+        self._warned_sizes = False  # unequal micro-batch sizes (said once)
         self._capture.armed = self.precondition and self._is_curvature_step(0)
         self.distributed = coordinator
         # collective when distributed: checks the model, assigns work
@@ -291,9 +299,6 @@ class KFAC(torch.optim.Optimizer):
         arm_next = self.precondition and self._is_curvature_step(k + 1)  # ... this too
         stats = self._capture.collect()
         curvature_step = self.precondition and hp["curvature"]
-        if curvature_step:
-            for message in missing_statistics(self, stats, self._capture.report):
-                self._warn(message)
         stats = self.distributed.reduce_statistics(stats, curvature_step)
 
         with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -304,6 +309,9 @@ class KFAC(torch.optim.Optimizer):
                        f"({self.skipped_steps} skipped so far)")
             self._capture.armed = self.precondition and hp["curvature"]
             return loss
+        if curvature_step:  # after the gradient check: a skipped step decides nothing
+            for message in missing_statistics(self, stats, self._capture.report):
+                self._warn(message)
 
         layer_group = self._layer_group()
         if self.precondition:
