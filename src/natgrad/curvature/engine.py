@@ -161,10 +161,17 @@ class KroneckerCurvature:
     # ------------------------------------------------------------------ reporting
     def summary_lines(self) -> list[str]:
         """One line per preconditioned layer, per skipped layer and for the plain parameters."""
-        lines = [f"  preconditioned  {name or '<model>'} [{h.kind}] {self.blocks[name].summary()}"
-                 for name, h in self.layers.items()]
+        lines = []
+        for name, h in self.layers.items():
+            lines.append(f"  preconditioned  {name or '<model>'} [{h.kind}] "
+                         f"{self.blocks[name].summary()}")
+            if h.note:
+                lines.append(f"    {h.note}")
+            elif h.pending:
+                lines.append(f"    to be checked on its first forward ({h.pending})")
         lines += [f"  plain step      {name} ({reason})"
                   for name, reason in self.registration.skipped.items()]
+        lines += [f"  shared          {p}: {how}" for p, how in self.registration.shared.items()]
         if self.registration.plain:
             lines.append("  parameters with the plain (momentum) step: "
                          + ", ".join(self.registration.plain))

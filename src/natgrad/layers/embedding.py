@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import CurvatureBlock, KroneckerBlock
@@ -50,6 +51,12 @@ class EmbeddingHelper(LayerHelper):
             DiagonalFactor(self.in_dim, dtype=dtype, device=device),
             make_factor(strategy, self.out_dim, options, dtype=dtype, device=device),
         )
+
+    def reference(self, inputs: Tensor) -> Tensor:
+        return F.embedding(inputs, self.module.weight, self.module.padding_idx)
+
+    def formula(self) -> str:
+        return "nn.Embedding's row lookup"
 
     # ---------------------------------------------------------------- statistics
     def _valid(self, ids: Tensor) -> Tensor | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LayerHelper
@@ -21,3 +22,9 @@ class LinearHelper(LayerHelper):
     def locations(self, grad_output_or_output: Tensor) -> int:
         t = grad_output_or_output
         return int(t[0].numel() // t.shape[-1])
+
+    def reference(self, inputs: Tensor) -> Tensor:
+        return F.linear(inputs, self.module.weight, getattr(self.module, "bias", None))
+
+    def formula(self) -> str:
+        return "nn.Linear's x Wᵀ + b"
