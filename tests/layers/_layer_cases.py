@@ -160,7 +160,7 @@ def _x(*shape: int, seed: int = 14) -> Callable[[], Tensor]:
 
 
 CASES = [
-    Case("transformers_conv1d", _conv1d_net, _x(1, 5), _full, "linear"),
+    Case("transformers_conv1d", _conv1d_net, _x(1, 5), _full, "linear_transposed"),
     Case("grouped_conv2d", _conv_net(2, 4, 6), _x(1, 4, 3, 3), _groups_mask, "conv2d_grouped"),
     Case("depthwise_conv2d", _conv_net(3, 3, 6), _x(1, 3, 3, 3), _groups_mask,
          "conv2d_grouped"),

@@ -235,10 +235,20 @@ class LayerHelper(ABC):
     def locations(self, grad_output_or_output: Tensor) -> int:
         """``T``: the number of spatial locations per sample (1 for Linear)."""
 
+    def require_checked(self) -> None:
+        """``RuntimeError`` when the statistics would be read from a candidate module that has
+        not been checked (or was refused): only the hooks of :meth:`register_hooks` check it."""
+        if self.pending is not None or self.refusal is not None:
+            raise RuntimeError(
+                f"natgrad: layer {self.name or type(self.module).__name__!r}: "
+                + (self.refusal or f"{self.pending}; its statistics are read only after its "
+                   "first forward through natgrad's hooks has checked what it computes"))
+
     # ---------------------------------------------------------------- what the captures keep
     def record(self, inputs: Tensor, output: Tensor) -> Any:
         """What a forward keeps for the statistics (default: the input rows ``ā``); passed back
         to :meth:`a_rows` and :meth:`g_rows`."""
+        self.require_checked()
         return self.input_rows(inputs)
 
     def a_rows(self, record: Any) -> Tensor:

@@ -42,6 +42,7 @@ class Conv2dHelper(LayerHelper):
         return "nn.Conv2d's convolution"
 
     def input_rows(self, inputs: Tensor) -> Tensor:
+        self.require_checked()
         m = self.module
         x = inputs
         if isinstance(m.padding, str) and m.padding == "same":

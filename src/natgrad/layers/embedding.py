@@ -65,6 +65,7 @@ class EmbeddingHelper(LayerHelper):
 
     def input_rows(self, inputs: Tensor) -> Tensor:
         """One row ``(1, vocab)``: the token counts (the diagonal of ``Σ ā āᵀ``)."""
+        self.require_checked()
         ids = inputs.reshape(-1)
         valid = self._valid(inputs)
         if valid is not None:

@@ -7,6 +7,12 @@ g_{n,t,j} g_{n,t,j}ᵀ``; the block is ``blockdiag_j(A_j ⊗ G_j)``
 (:class:`~natgrad.blocks.grouped.GroupedKroneckerBlock`). The layer matrix is Conv2d's, ``V =
 [W.reshape(c_out, −1) | b]`` with ``d_A = (c_in/g)·kh·kw [+ 1]``. Exact (each group's Fisher
 block) for one datum and one output location, as for Conv2d; depthwise is ``g = c_in``.
+
+For the analysis' per-sample paths (:attr:`~natgrad.layers.base.LayerHelper.per_sample_rows`)
+every (location, group) pair is a row: ``A_n`` ``(T·g, d_A)`` holds group ``j``'s patch and ``G_n``
+``(T·g, c_out)`` group ``j``'s output gradient in its own channels, zero elsewhere, so that
+``G_nᵀ A_n`` is the per-sample gradient of ``V`` with each group in its own rows (``g`` times the
+memory of a Conv2d's ``G_n``).
 """
 
 from __future__ import annotations
@@ -24,8 +30,6 @@ from .conv2d import Conv2dHelper
 
 class GroupedConv2dHelper(Conv2dHelper):
     kind = "conv2d_grouped"
-    # the analysis' per-sample row paths assume one A for all output channels
-    per_sample_rows = False
 
     @property
     def groups(self) -> int:
@@ -46,3 +50,13 @@ class GroupedConv2dHelper(Conv2dHelper):
         if self.has_bias:
             per_group = torch.cat([per_group, per_group.new_ones(n, self.groups, 1)], dim=2)
         return per_group.reshape(n, self.groups * self.in_dim)
+
+    def output_grad_matrix(self, grad_output: Tensor) -> Tensor:
+        """``(m, T·g, c_out)``: group ``j``'s gradient at row ``(t, j)``, in its channels only."""
+        m, c = grad_output.shape[:2]
+        g = self.groups
+        G = grad_output.flatten(2).transpose(1, 2)  # (m, T, c_out)
+        T = G.shape[1]
+        out = G.new_zeros(m, T, g, g, c // g)
+        out.diagonal(dim1=2, dim2=3).copy_(G.reshape(m, T, g, c // g).transpose(2, 3))
+        return out.reshape(m, T * g, c)

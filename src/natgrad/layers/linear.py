@@ -14,6 +14,7 @@ class LinearHelper(LayerHelper):
     per_sample_rows = True
 
     def input_rows(self, inputs: Tensor) -> Tensor:
+        self.require_checked()
         return self._append_ones(inputs.reshape(-1, inputs.shape[-1]))
 
     def output_grad_rows(self, grad_output: Tensor) -> Tensor:

@@ -93,6 +93,7 @@ class NormHelper(LayerHelper):
         return t.reshape(t.shape[0], -1, self.out_dim)
 
     def record(self, inputs: Tensor, output: Tensor) -> Any:
+        self.require_checked()
         with torch.no_grad():
             return self._channels_last(self.normalized(inputs.to(self.module.weight.dtype)))
 

@@ -16,7 +16,7 @@ from .linear import LinearHelper
 
 
 class TransposedLinearHelper(LinearHelper):
-    kind = "linear"
+    kind = "linear_transposed"
     # the analysis' per-sample row paths lay the gradient out as W (d_out, d_in); this weight is
     # Wᵀ, so it takes the generic path there
     per_sample_rows = False
