@@ -180,3 +180,75 @@ CASES = [
     Case("batchnorm_act2d_eval", _spatial_norm_net(lambda: BatchNormAct2d(4)), _x(3, 2, 3, 4),
          _channel_mask, "norm"),
 ]
+
+
+# ---------------------------------------------------------------- a MobileNet-style net
+class SqueezeExcite(nn.Module):
+    """x · σ(W₂ act(W₁ avgpool(x))) with 1×1 convolutions (MobileNetV3 / EfficientNet)."""
+
+    def __init__(self, c: int, r: int = 4) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(c, max(1, c // r), 1)
+        self.act = nn.ReLU(inplace=True)
+        self.expand = nn.Conv2d(max(1, c // r), c, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.expand(self.act(self.reduce(x.mean((2, 3), keepdim=True))))
+        return x * torch.sigmoid(s)
+
+
+class DepthwiseSeparable(nn.Module):
+    """depthwise 3×3 → BN+act → SE → pointwise 1×1 → BN (+ in-place residual)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.bn1 = BatchNormAct2d(c)
+        self.se = SqueezeExcite(c)
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.bn2 = BatchNormAct2d(c, act=nn.Identity)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn2(self.pw(self.se(self.bn1(self.dw(x)))))
+        y += x
+        return y
+
+
+class InvertedResidual(nn.Module):
+    """1×1 expand → BN+act → depthwise 3×3 → BN+act → SE → 1×1 project → BN, residual."""
+
+    def __init__(self, c: int, expand: int = 3) -> None:
+        super().__init__()
+        h = c * expand
+        self.conv_pw = nn.Conv2d(c, h, 1, bias=False)
+        self.bn1 = BatchNormAct2d(h, act=nn.Hardswish)
+        self.conv_dw = nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False)
+        self.bn2 = BatchNormAct2d(h, act=nn.Hardswish)
+        self.se = SqueezeExcite(h)
+        self.conv_pwl = nn.Conv2d(h, c, 1, bias=False)
+        self.bn3 = BatchNormAct2d(c, act=nn.Identity)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
+        return x + self.bn3(self.conv_pwl(self.se(y)))
+
+
+def mobilenet_like(classes: int = 5, c: int = 8) -> nn.Module:
+    """A tiny MobileNet-style classifier of 3-channel images (any size ≥ 4)."""
+    return nn.Sequential(
+        nn.Conv2d(3, c, 3, stride=2, padding=1, bias=False), BatchNormAct2d(c),
+        DepthwiseSeparable(c), InvertedResidual(c), InvertedResidual(c),
+        nn.Conv2d(c, 4 * c, 1, bias=False), BatchNormAct2d(4 * c, act=nn.Hardswish),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * c, classes),
+    )
+
+
+def tiny_gpt2() -> nn.Module:
+    """transformers' GPT-2 at the size of issue 24 (tied ``wte`` / ``lm_head``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # the tiny vocabulary's bos/eos warnings
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50,
+                                      n_positions=16))
