@@ -113,3 +113,23 @@ def test_a_refused_layer_is_left_out_of_the_analysis():
         K = KFACOperator.from_data(model, (x, y))
     assert set(K.layers) == {"2"}
     assert K.uncovered == ["0.weight", "0.bias"]
+
+
+def test_a_checkpoint_with_a_refused_layer_loads_into_a_fresh_optimizer():
+    def make():
+        torch.manual_seed(5)
+        return nn.Sequential(DoubledLinear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+    x, y = torch.randn(6, 4, dtype=f64), torch.randint(0, 3, (6,))
+    opt, _ = _one_step(make(), x, y)
+    state = opt.state_dict()
+    assert list(state["natgrad"]["dropped"]) == ["0"]
+    fresh = natgrad.KFAC(make())
+    bad = {**state, "natgrad": {**state["natgrad"], "dropped": {"0": 1}}}
+    with pytest.raises(ValueError, match="'dropped'"):
+        fresh.load_state_dict(bad)
+    assert set(fresh.layers) == {"0", "2"}  # a failed load changes nothing
+    fresh.load_state_dict(state)
+    assert set(fresh.layers) == {"2"}
+    assert "does not compute" in fresh.registration_summary
+    torch.testing.assert_close(fresh.factors["2"][0].to_dense(), opt.factors["2"][0].to_dense())

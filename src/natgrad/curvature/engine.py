@@ -90,6 +90,8 @@ class KroneckerCurvature:
                 strategy, self.options, factor_dtype_for(w, factor_dtype), w.device)
         #: curvature updates applied per layer (identical on every rank: the schedule reads it)
         self.updates = {name: 0 for name in self.blocks}
+        #: layers taken out at run time (:meth:`drop_layer`) → why; kept in checkpoints
+        self.dropped: dict[str, str] = {}
 
     # ------------------------------------------------------------------ layers
     @property
@@ -107,6 +109,7 @@ class KroneckerCurvature:
         self.registration.skip(name, reason, self.model, self._optimised)
         del self.blocks[name]
         del self.updates[name]
+        self.dropped[name] = reason
 
     # ------------------------------------------------------------------ statistics
     def update(self, stats: dict[str, LayerStatistics], decay: float,
@@ -191,6 +194,7 @@ class KroneckerCurvature:
         return {
             "strategy": self.strategy,
             "updates": dict(self.updates),
+            "dropped": dict(self.dropped),
             "factors": {n: tuple(f.state_dict() for f in b.factors)
                         for n, b in self.blocks.items()},
         }
@@ -201,11 +205,13 @@ class KroneckerCurvature:
         nothing."""
         if not isinstance(state, dict) or "factors" not in state:
             raise ValueError("state_dict has no natgrad curvature state ('factors')")
+        dropped = self._dropped_in(state)
         factors = state["factors"]
-        if not isinstance(factors, dict) or set(factors) != set(self.blocks):
+        expected = set(self.blocks) - set(dropped)
+        if not isinstance(factors, dict) or set(factors) != expected:
             have = sorted(factors) if isinstance(factors, dict) else factors
             raise ValueError(f"state_dict holds factors for layers {have}, this optimizer has "
-                             f"{sorted(self.blocks)}")
+                             f"{sorted(expected)}")
         for name, parts in factors.items():
             block = self.blocks[name]
             if not isinstance(parts, (tuple, list)) or len(parts) != len(block.factors):
@@ -222,12 +228,24 @@ class KroneckerCurvature:
                     raise ValueError(f"state_dict factor of layer {name!r}: {err}") from None
         updates = state.get("updates")
         if updates is not None and (not isinstance(updates, dict)
-                                    or set(updates) != set(self.blocks)):
+                                    or set(updates) != expected):
             raise ValueError("state_dict 'updates' does not list the same layers")
 
+    def _dropped_in(self, state: dict[str, Any]) -> dict[str, str]:
+        """The layers of this curvature the checkpoint's run took out (``dropped``: name →
+        reason; ``ValueError`` if malformed)."""
+        dropped = state.get("dropped", {})
+        if not isinstance(dropped, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in dropped.items()):
+            raise ValueError("state_dict 'dropped' must map layer names to reasons")
+        return {n: r for n, r in dropped.items() if n in self.blocks}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` (validated completely first)."""
+        """Load a :meth:`state_dict` (validated completely first). Layers the checkpoint's run
+        took out (refused or called functionally) are taken out here too, with their reason."""
         self.check_state(state)
+        for name, reason in self._dropped_in(state).items():
+            self.drop_layer(name, reason)
         for name, parts in state["factors"].items():
             for f, s in zip(self.blocks[name].factors, parts):
                 f.load_state_dict(s)
