@@ -133,3 +133,20 @@ def test_a_checkpoint_with_a_refused_layer_loads_into_a_fresh_optimizer():
     assert set(fresh.layers) == {"2"}
     assert "does not compute" in fresh.registration_summary
     torch.testing.assert_close(fresh.factors["2"][0].to_dense(), opt.factors["2"][0].to_dense())
+
+
+def test_a_non_finite_first_forward_decides_nothing():
+    from _layer_cases import LayerNorm2d
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), LayerNorm2d(4), nn.Flatten(), nn.Linear(64, 3))
+    helper = natgrad.KFAC(model).layers["1"]
+    seen = []
+    handles = helper.register_hooks(lambda m, i, target: seen.append(target))
+    model(torch.full((2, 2, 4, 4), float("nan")))  # W == C: the plain formula is NaN as well
+    assert helper.pending is not None and not seen
+    model(torch.randn(2, 2, 4, 4))
+    assert helper.pending is None and helper.refusal is None and len(seen) == 1
+    assert "channels-first" in helper.note
+    for h in handles:
+        h.remove()

@@ -52,10 +52,22 @@ class GroupedKroneckerBlock(CurvatureBlock):
 
     def stage(self, stats: LayerStatistics, decay: float) -> list[FactorUpdate]:
         items = []
-        for j in range(self.groups):
-            for f, rows, scale, moment in ((self.A[j], stats.a, stats.a_scale, stats.a_moment),
-                                           (self.G[j], stats.g, stats.g_scale, stats.g_moment)):
-                part = self._sides(rows, moment, f.dim, j)
+        for fs, rows, scale, moment in ((self.A, stats.a, stats.a_scale, stats.a_moment),
+                                        (self.G, stats.g, stats.g_scale, stats.g_moment)):
+            d = fs[0].dim
+            if not moment and all(f.supports_moment for f in fs):
+                # every group's XᵀX in one batched product instead of g strided slices
+                X = rows.reshape(rows.shape[0], self.groups, d)
+                if d == 1:  # depthwise G: per-channel sums of squares
+                    grams = X.pow(2).sum(0).reshape(self.groups, 1, 1)
+                else:
+                    X = X.transpose(0, 1).contiguous()  # (g, n, d): bmm wants whole batches
+                    grams = torch.bmm(X.transpose(1, 2), X)
+                for f, S in zip(fs, grams):
+                    f.update_moment(S, scale, decay)
+                continue
+            for j, f in enumerate(fs):
+                part = self._sides(rows, moment, d, j)
                 if moment:
                     f.update_moment(part, scale, decay)
                 else:

@@ -93,7 +93,10 @@ class LayerHelper(ABC):
 
         Its output (or ``inner``, the input of its first child module, for a norm followed by
         an activation) must equal :meth:`reference` of one of :meth:`variants` on ``inputs``;
-        otherwise the layer is refused (:attr:`refusal`, and a warning)."""
+        otherwise the layer is refused (:attr:`refusal`, and a warning). A forward without a
+        finite output entry decides nothing (the check waits for the next one)."""
+        if isinstance(output, Tensor) and not bool(torch.isfinite(output.detach()).any()):
+            return
         why = self.pending
         self.pending = None
         if isinstance(output, Tensor):
@@ -166,7 +169,7 @@ class LayerHelper(ABC):
                 if (not inputs or not isinstance(inputs[0], Tensor) or _wrapped(output)):
                     return on_forward(module, inputs, output)  # not checkable (torch.func)
                 self.verify(inputs[0], output, inner)
-                if self.refusal is not None:
+                if self.refusal is not None or self.pending is not None:
                     return None
             target = inner if self.inner_target else output
             if target is None:
