@@ -150,3 +150,35 @@ def test_a_non_finite_first_forward_decides_nothing():
     assert "channels-first" in helper.note
     for h in handles:
         h.remove()
+
+
+def test_register_layer_by_name_and_pattern():
+    from natgrad.layers import LinearHelper, helper_class, register_layer, unregister_layer
+
+    class Affine(nn.Module):  # computes x Wᵀ + b with Linear's attributes
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 2))
+            self.bias = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    name = f"{Affine.__module__}.{Affine.__qualname__}"
+    for bad in ("Affine", "", 3):
+        with pytest.raises(ValueError, match="register_layer"):
+            register_layer(bad, LinearHelper)
+    register_layer(name, LinearHelper)
+    try:
+        assert helper_class(Affine()) is LinearHelper and match(Affine())[1] is None
+    finally:
+        unregister_layer(name)
+    register_layer("*.Affine", LinearHelper)
+    try:
+        assert "name pattern '*.Affine'" in match(Affine())[1]
+        model = nn.Sequential(Affine(), nn.Tanh(), nn.Linear(3, 2))
+        opt, messages = _one_step(model, torch.randn(4, 2), torch.tensor([0, 1, 1, 0]))
+        assert "0" in opt.layers and not messages
+    finally:
+        unregister_layer("*.Affine")
+    assert helper_class(Affine()) is None
