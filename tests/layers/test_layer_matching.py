@@ -182,3 +182,22 @@ def test_register_layer_by_name_and_pattern():
     finally:
         unregister_layer("*.Affine")
     assert helper_class(Affine()) is None
+
+
+def test_a_candidate_called_with_keywords_only_is_refused():
+    class KeywordLinear(nn.Linear):
+        def forward(self, *, x):
+            return super().forward(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = KeywordLinear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x=x)))
+
+    torch.manual_seed(7)
+    opt, messages = _one_step(Net(), torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    assert set(opt.layers) == {"b"}
+    assert any("without a positional tensor input" in m for m in messages)

@@ -67,3 +67,25 @@ def test_analysis_runs_on_each_layer_type(case: Case):
     for cache in caches:
         report = analyze(model, (x, y), "cross_entropy", top_k=2, density=False, cache=cache)
         assert report["trace"]["value"] == pytest.approx(expect, rel=case.rtol * 10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_step_is_the_damped_solve_of_the_block(case: Case):
+    """The optimizer's step on the layer is ``(B + λ I)⁻¹ ∇`` for its block ``B`` as the
+    operator represents it (eigh factors: exact damping; per-channel blocks: exact)."""
+    model, layer = case.build()
+    name = _layer_name(model, layer)
+    x = case.x()
+    y = torch.randint(0, 3, (x.shape[0],), generator=torch.Generator().manual_seed(17))
+    params = list(layer.parameters())
+    before = [p.detach().clone() for p in params]
+    opt = natgrad.KFAC(model, lr=1.0, kl_clip=None, inverse_every=1, damping=0.1)
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in params])
+    opt.step()
+    B = _sub(KFACOperator.from_optimizer(opt), name)
+    expect = torch.linalg.solve(B + 0.1 * torch.eye(len(grad), dtype=grad.dtype), grad)
+    step = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, params)])
+    torch.testing.assert_close(step, expect, rtol=1e-8, atol=1e-11)

@@ -114,10 +114,16 @@ class LayerHelper(ABC):
                                 variant, is_inner)
                             return
         self.use_variant("plain")
-        self.refusal = (f"{why}, and its forward does not compute {self.formula()} (checked on "
-                        "its first forward): not preconditioned")
+        self.pending = why
+        self.refuse(f"its forward does not compute {self.formula()} (checked on its first "
+                    "forward)")
+
+    def refuse(self, why: str) -> None:
+        """Refuse a candidate layer (:attr:`refusal`), with a warning naming it."""
+        self.refusal = f"{self.pending}, and {why}: not preconditioned"
+        self.pending = None
         warnings.warn(f"natgrad: layer {self.name or type(self.module).__name__!r}: "
-                      f"{self.refusal}", RuntimeWarning, stacklevel=4)
+                      f"{self.refusal}", RuntimeWarning, stacklevel=5)
 
     def formula(self) -> str:
         """The formula :meth:`reference` computes, in words (for messages)."""
@@ -166,8 +172,12 @@ class LayerHelper(ABC):
             if self.refusal is not None:
                 return None
             if self.pending is not None:
-                if (not inputs or not isinstance(inputs[0], Tensor) or _wrapped(output)):
-                    return on_forward(module, inputs, output)  # not checkable (torch.func)
+                if _wrapped(output):  # a torch.func transform: the captures ignore it
+                    return on_forward(module, inputs, output)
+                if not inputs or not isinstance(inputs[0], Tensor):
+                    self.refuse("it was called without a positional tensor input, so what it "
+                                "computes cannot be checked")
+                    return None
                 self.verify(inputs[0], output, inner)
                 if self.refusal is not None or self.pending is not None:
                     return None
