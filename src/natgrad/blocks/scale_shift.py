@@ -1,11 +1,13 @@
-"""The per-channel scale-and-shift block of normalization layers: exact 2×2 per channel.
+"""The per-channel scale-and-shift block of normalization layers: exact 2×2 per channel
+(``1 × 1`` for a scale alone: RMSNorm, LayerNorm without bias).
 
 A normalization layer computes ``y = γ ⊙ x̂ + β`` with ``C`` channels. The per-sample gradients of
 one channel's pair are ``u_c = Σ_t g_{t,c} x̂_{t,c}`` (for ``γ_c``) and ``v_c = Σ_t g_{t,c}`` (for
 ``β_c``), summed over the sample's positions ``t``. The block keeps, for every channel, the exact
 ``2 × 2`` second moment ``M_c = E[(u_c, v_c)(u_c, v_c)ᵀ]`` (an EMA like the Kronecker factors),
 i.e. the per-channel diagonal blocks of the Fisher of ``(γ, β)`` — not a Kronecker
-approximation. The damped solve is ``(M_c + λ I)⁻¹ (∇γ_c, ∇β_c)`` channel by channel.
+approximation. The damped solve is ``(M_c + λ I)⁻¹ (∇γ_c, ∇β_c)`` channel by channel. A layer
+with a scale only keeps ``E[u_c²]`` (``width = 1``).
 """
 
 from __future__ import annotations
@@ -22,24 +24,26 @@ from .base import CurvatureBlock, LayerStatistics
 
 
 class ScaleShiftFactor(KroneckerFactor):
-    """``C`` exact 2×2 moments ``M_c``, updated from per-sample rows ``(n, 2C)`` =
-    ``[u_1..u_C, v_1..v_C]``; ``dim = 2C``. Not a strategy (not registered): the state of a
-    :class:`ScaleShiftBlock`."""
+    """``C`` exact ``k × k`` moments ``M_c`` (``k = width``: 2 for scale and shift, 1 for a
+    scale alone), updated from per-sample rows ``(n, kC)`` = ``[u_1..u_C, v_1..v_C]``;
+    ``dim = kC``. Not a strategy (not registered): the state of a :class:`ScaleShiftBlock`."""
 
     name = "scale_shift"
     state_keys = ("M",)
     statistics_keys = ("M",)
 
-    def __init__(self, dim: int, options: Any = None, **kwargs: Any) -> None:
+    def __init__(self, dim: int, options: Any = None, width: int = 2, **kwargs: Any) -> None:
         super().__init__(dim, options, **kwargs)
-        if self.dim % 2:
-            raise ValueError(f"a scale-and-shift factor has dim = 2C, got {dim}")
-        self.channels = self.dim // 2
-        self.M = torch.zeros(self.channels, 2, 2, dtype=self.dtype, device=self.device)
+        if width not in (1, 2) or self.dim % width:
+            raise ValueError(f"a scale-and-shift factor has width 1 or 2 and dim = width·C, got "
+                             f"width={width}, dim={dim}")
+        self.width = width
+        self.channels = self.dim // width
+        self.M = torch.zeros(self.channels, width, width, dtype=self.dtype, device=self.device)
 
     def _update(self, rows: Tensor, new_weight: float, keep: float,
                 sq_norm: float | None = None) -> None:
-        uv = rows.reshape(rows.shape[0], 2, self.channels)  # (n, 2, C)
+        uv = rows.reshape(rows.shape[0], self.width, self.channels)  # (n, k, C)
         S = torch.einsum("nic,njc->cij", uv, uv)
         self.M = torch.add(self.M * keep, S, alpha=new_weight)
 
@@ -53,7 +57,9 @@ class ScaleShiftFactor(KroneckerFactor):
         self.refreshed = True
 
     def solve_pairs(self, V: Tensor, damping: float) -> Tensor:
-        """``(M_c + λ I)⁻¹ V_c`` for ``V`` ``(C, 2)`` (closed-form 2×2 inverses)."""
+        """``(M_c + λ I)⁻¹ V_c`` for ``V`` ``(C, k)`` (closed-form 2×2 or 1×1 inverses)."""
+        if self.width == 1:
+            return V / (self.M[:, 0] + damping)
         a, b = self.M[:, 0, 0] + damping, self.M[:, 0, 1]
         c, d = self.M[:, 1, 0], self.M[:, 1, 1] + damping
         det = a * d - b * c
@@ -61,19 +67,19 @@ class ScaleShiftFactor(KroneckerFactor):
         return torch.stack([(d * x - b * y) / det, (a * y - c * x) / det], dim=1)
 
     def inv_matmul(self, v: Tensor) -> Tensor:
-        """``(F + δ I)⁻¹ v`` for ``v`` ``(2C, k)`` in the ``[γ; β]`` layout."""
-        C = self.channels
-        cols = [self.solve_pairs(torch.stack([v[:C, j], v[C:, j]], 1), self.damping)
+        """``(F + δ I)⁻¹ v`` for ``v`` ``(kC, n)`` in the ``[γ; β]`` layout."""
+        C, k = self.channels, self.width
+        cols = [self.solve_pairs(v[:, j].reshape(k, C).T, self.damping)
                 for j in range(v.shape[1])]
-        return torch.stack([torch.cat([c[:, 0], c[:, 1]]) for c in cols], dim=1)
+        return torch.stack([c.T.reshape(-1) for c in cols], dim=1)
 
     def to_dense(self) -> Tensor:
-        """``(2C, 2C)`` in the ``[γ; β]`` layout."""
-        C = self.channels
-        out = self.M.new_zeros(2 * C, 2 * C)
+        """``(kC, kC)`` in the ``[γ; β]`` layout."""
+        C, k = self.channels, self.width
+        out = self.M.new_zeros(k * C, k * C)
         idx = torch.arange(C, device=self.M.device)
-        for i in range(2):
-            for j in range(2):
+        for i in range(k):
+            for j in range(k):
                 out[i * C + idx, j * C + idx] = self.M[:, i, j]
         return out
 
@@ -85,13 +91,16 @@ class ScaleShiftFactor(KroneckerFactor):
         return float(self.channels)
 
     def describe(self) -> str:
+        if self.width == 1:
+            return f"scale(C={self.channels}, 1x1 each)"
         return f"scale_shift(C={self.channels}, 2x2 each)"
 
 
 class ScaleShiftBlock(CurvatureBlock):
     """The exact per-channel 2×2 Fisher blocks of ``(γ, β)`` (see the module docstring).
 
-    The gradient's column blocks are ``[∇γ (C, 1), ∇β (C, 1)]`` (``d_G = C``, ``d_A = 2``)."""
+    The gradient's column blocks are ``[∇γ (C, 1), ∇β (C, 1)]`` (``d_G = C``, ``d_A = 2``;
+    ``[∇γ]`` and ``d_A = 1`` for a scale alone)."""
 
     def __init__(self, factor: ScaleShiftFactor) -> None:
         self.factor = factor

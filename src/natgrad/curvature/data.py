@@ -191,7 +191,7 @@ def pullbacks(
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.get_default_dtype()
-    handles = [h.module.register_forward_hook(hook(n, h)) for n, h in layers.items()]
+    handles = [hd for n, h in layers.items() for hd in h.register_hooks(hook(n, h))]
     try:
         for i, (x, y) in enumerate(iter_chunks(data, chunk_size)):
             x = to_model(x, device, dtype)

@@ -95,6 +95,8 @@ class KroneckerCurvature:
         #: per layer, the damping floor of its last refresh (:mod:`.damping`)
         self.damping_floors: dict[str, float] = {}
         self._floor_warned = False
+        #: layers taken out at run time (:meth:`drop_layer`) → why; kept in checkpoints
+        self.dropped: dict[str, str] = {}
 
     # ------------------------------------------------------------------ layers
     @property
@@ -112,6 +114,7 @@ class KroneckerCurvature:
         self.registration.skip(name, reason, self.model, self._optimised)
         del self.blocks[name]
         del self.updates[name]
+        self.dropped[name] = reason
 
     # ------------------------------------------------------------------ statistics
     def update(self, stats: dict[str, LayerStatistics], decay: float,
@@ -200,10 +203,17 @@ class KroneckerCurvature:
     # ------------------------------------------------------------------ reporting
     def summary_lines(self) -> list[str]:
         """One line per preconditioned layer, per skipped layer and for the plain parameters."""
-        lines = [f"  preconditioned  {name or '<model>'} [{h.kind}] {self.blocks[name].summary()}"
-                 for name, h in self.layers.items()]
+        lines = []
+        for name, h in self.layers.items():
+            lines.append(f"  preconditioned  {name or '<model>'} [{h.kind}] "
+                         f"{self.blocks[name].summary()}")
+            if h.note:
+                lines.append(f"    {h.note}")
+            elif h.pending:
+                lines.append(f"    to be checked on its first forward ({h.pending})")
         lines += [f"  plain step      {name} ({reason})"
                   for name, reason in self.registration.skipped.items()]
+        lines += [f"  shared          {p}: {how}" for p, how in self.registration.shared.items()]
         if self.registration.plain:
             lines.append("  parameters with the plain (momentum) step: "
                          + ", ".join(self.registration.plain))
@@ -226,6 +236,7 @@ class KroneckerCurvature:
         return {
             "strategy": self.strategy,
             "updates": dict(self.updates),
+            "dropped": dict(self.dropped),
             "factors": {n: tuple(f.state_dict() for f in b.factors)
                         for n, b in self.blocks.items()},
             "damping_floors": dict(self.damping_floors),
@@ -237,11 +248,13 @@ class KroneckerCurvature:
         nothing."""
         if not isinstance(state, dict) or "factors" not in state:
             raise ValueError("state_dict has no natgrad curvature state ('factors')")
+        dropped = self._dropped_in(state)
         factors = state["factors"]
-        if not isinstance(factors, dict) or set(factors) != set(self.blocks):
+        expected = set(self.blocks) - set(dropped)
+        if not isinstance(factors, dict) or set(factors) != expected:
             have = sorted(factors) if isinstance(factors, dict) else factors
             raise ValueError(f"state_dict holds factors for layers {have}, this optimizer has "
-                             f"{sorted(self.blocks)}")
+                             f"{sorted(expected)}")
         for name, parts in factors.items():
             block = self.blocks[name]
             if not isinstance(parts, (tuple, list)) or len(parts) != len(block.factors):
@@ -258,7 +271,7 @@ class KroneckerCurvature:
                     raise ValueError(f"state_dict factor of layer {name!r}: {err}") from None
         updates = state.get("updates")
         if updates is not None and (not isinstance(updates, dict)
-                                    or set(updates) != set(self.blocks)):
+                                    or set(updates) != expected):
             raise ValueError("state_dict 'updates' does not list the same layers")
         floors = state.get("damping_floors")
         if floors is not None and (not isinstance(floors, dict) or not set(floors) <= set(
@@ -267,9 +280,21 @@ class KroneckerCurvature:
             raise ValueError("state_dict 'damping_floors' must map this optimizer's layers to "
                              "finite floats >= 0")
 
+    def _dropped_in(self, state: dict[str, Any]) -> dict[str, str]:
+        """The layers of this curvature the checkpoint's run took out (``dropped``: name →
+        reason; ``ValueError`` if malformed)."""
+        dropped = state.get("dropped", {})
+        if not isinstance(dropped, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in dropped.items()):
+            raise ValueError("state_dict 'dropped' must map layer names to reasons")
+        return {n: r for n, r in dropped.items() if n in self.blocks}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` (validated completely first)."""
+        """Load a :meth:`state_dict` (validated completely first). Layers the checkpoint's run
+        took out (refused or called functionally) are taken out here too, with their reason."""
         self.check_state(state)
+        for name, reason in self._dropped_in(state).items():
+            self.drop_layer(name, reason)
         for name, parts in state["factors"].items():
             for f, s in zip(self.blocks[name].factors, parts):
                 f.load_state_dict(s)

@@ -200,9 +200,9 @@ class HookCapture:
     def armed(self, value: bool) -> None:
         value = bool(value)
         if value and not self._handles and not self._removed:
-            self._handles = [
-                helper.module.register_forward_hook(self._layer_hook(name, helper))
-                for name, helper in self.layers.items()
+            self._handles = [  # the helper's hooks: its target may be inside the module
+                handle for name, helper in self.layers.items()
+                for handle in helper.register_hooks(self._layer_hook(name, helper))
             ]
             self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook))
             self._handles.append(self.model.register_forward_hook(self._model_hook))

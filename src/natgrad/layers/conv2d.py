@@ -22,13 +22,27 @@ class Conv2dHelper(LayerHelper):
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:
         assert isinstance(module, nn.Conv2d)
-        if module.groups != 1:
-            return f"groups={module.groups} (only groups=1 is preconditioned)"
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (only 'zeros' is preconditioned)"
         return None
 
+    @classmethod
+    def variant(cls, module: nn.Module) -> type[LayerHelper]:
+        if getattr(module, "groups", 1) != 1:
+            from .grouped_conv2d import GroupedConv2dHelper
+
+            return GroupedConv2dHelper
+        return cls
+
+    def reference(self, inputs: Tensor) -> Tensor:
+        m = self.module
+        return nn.Conv2d._conv_forward(m, inputs, m.weight, m.bias)  # type: ignore[arg-type]
+
+    def formula(self) -> str:
+        return "nn.Conv2d's convolution"
+
     def input_rows(self, inputs: Tensor) -> Tensor:
+        self.require_checked()
         m = self.module
         x = inputs
         if isinstance(m.padding, str) and m.padding == "same":

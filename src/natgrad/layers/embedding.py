@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import CurvatureBlock, KroneckerBlock
@@ -51,6 +52,12 @@ class EmbeddingHelper(LayerHelper):
             make_factor(strategy, self.out_dim, options, dtype=dtype, device=device),
         )
 
+    def reference(self, inputs: Tensor) -> Tensor:
+        return F.embedding(inputs, self.module.weight, self.module.padding_idx)
+
+    def formula(self) -> str:
+        return "nn.Embedding's row lookup"
+
     # ---------------------------------------------------------------- statistics
     def _valid(self, ids: Tensor) -> Tensor | None:
         pad = self.module.padding_idx
@@ -58,6 +65,7 @@ class EmbeddingHelper(LayerHelper):
 
     def input_rows(self, inputs: Tensor) -> Tensor:
         """One row ``(1, vocab)``: the token counts (the diagonal of ``Σ ā āᵀ``)."""
+        self.require_checked()
         ids = inputs.reshape(-1)
         valid = self._valid(inputs)
         if valid is not None:

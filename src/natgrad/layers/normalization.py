@@ -5,7 +5,15 @@
 Their curvature is the exact per-channel 2×2 block of ``(γ_c, β_c)``
 (:class:`~natgrad.blocks.scale_shift.ScaleShiftBlock`), built from the per-sample gradients
 ``u_c = Σ_t g_{t,c} x̂_{t,c}``, ``v_c = Σ_t g_{t,c}``; ``x̂`` is recomputed from the layer input
-with the module's own normalization (nothing is read from the module's output).
+with the module's own normalization (nothing is read from the module's output). A layer without
+a shift (``bias=False``) gets the exact per-channel ``1 × 1`` block of ``γ_c`` alone (``u_c``).
+
+**Variants found by verification** (:mod:`natgrad.layers.registry`): a ``LayerNorm`` subclass
+whose output is LayerNorm over dim 1 of ``(B, C, ...)`` (timm's ``LayerNorm2d``: normalise
+``x.movedim(1, -1)``) is handled as *channels-first*; a norm subclass that feeds its normalization
+result into child modules (timm's ``BatchNormAct2d``: ``act(drop(BN(x)))``) gets its block from the
+gradient at that result — the pre-activation gradient the affine pair actually receives — read at
+the input of its first child.
 
 **BatchNorm, train vs eval mode.** ``x̂`` always uses what the module uses: the running
 statistics in eval mode, the batch statistics in train mode (or without running statistics). In
@@ -41,8 +49,6 @@ class NormHelper(LayerHelper):
     def unsupported_reason(cls, module: nn.Module) -> str | None:
         if getattr(module, "weight", None) is None:
             return "no affine parameters (affine=False / elementwise_affine=False)"
-        if getattr(module, "bias", None) is None:
-            return "bias=False (only the scale-and-shift pair is preconditioned)"
         return None
 
     @property
@@ -51,16 +57,33 @@ class NormHelper(LayerHelper):
 
     @property
     def in_dim(self) -> int:
-        return 2
+        """``2`` for the pair ``(γ_c, β_c)``, ``1`` for a scale alone."""
+        return 1 + int(self.has_bias)
 
     def make_block(self, strategy: str, options: Any, dtype: torch.dtype,
                    device: torch.device) -> CurvatureBlock:
-        return ScaleShiftBlock(ScaleShiftFactor(2 * self.out_dim, dtype=dtype, device=device))
+        return ScaleShiftBlock(ScaleShiftFactor(self.in_dim * self.out_dim, dtype=dtype,
+                                                device=device, width=self.in_dim))
 
-    # ---------------------------------------------------------------- statistics
+    # ---------------------------------------------------------------- what the module computes
     def normalized(self, inputs: Tensor) -> Tensor:
         """``x̂`` as the module computes it, shaped like ``inputs``."""
         raise NotImplementedError
+
+    def reference(self, inputs: Tensor) -> Tensor:
+        """``γ ⊙ x̂ + β``, channels broadcast as the layer lays them out."""
+        w, b = self.module.weight, getattr(self.module, "bias", None)
+        xhat = self.normalized(inputs.to(w.dtype))
+        if self.channels_first:
+            shape = (-1,) + (1,) * (inputs.dim() - 2)
+            w = w.reshape(shape)
+            b = b.reshape(shape) if b is not None else None
+        return xhat * w + b if b is not None else xhat * w
+
+    def formula(self) -> str:
+        return f"{self.module_type.__name__}'s γ ⊙ x̂ + β"
+
+    # ---------------------------------------------------------------- statistics
 
     def _channels_last(self, t: Tensor) -> Tensor:
         """``(m, positions, C)`` view of a tensor shaped like the input (or ``(R, m, ...)``
@@ -70,6 +93,7 @@ class NormHelper(LayerHelper):
         return t.reshape(t.shape[0], -1, self.out_dim)
 
     def record(self, inputs: Tensor, output: Tensor) -> Any:
+        self.require_checked()
         with torch.no_grad():
             return self._channels_last(self.normalized(inputs.to(self.module.weight.dtype)))
 
@@ -83,12 +107,13 @@ class NormHelper(LayerHelper):
         return self._channels_last(grad_output).reshape(-1, self.out_dim)
 
     def g_rows(self, grad_output: Tensor, record: Any) -> Tensor:
-        """Per sample and direction ``[u_1..u_C, v_1..v_C]``: ``(R · m, 2C)``."""
+        """Per sample and direction ``[u_1..u_C, v_1..v_C]``: ``(R · m, 2C)`` (``[u_1..u_C]``
+        without a shift)."""
         R, m = grad_output.shape[:2]
         g = self._channels_last(grad_output.flatten(0, 1)).reshape(R, m, -1, self.out_dim)
         u = (g * record.to(g.dtype)).sum(2)
-        v = g.sum(2)
-        return torch.cat([u, v], dim=-1).reshape(R * m, 2 * self.out_dim)
+        parts = [u, g.sum(2)] if self.has_bias else [u]
+        return torch.cat(parts, dim=-1).reshape(R * m, self.in_dim * self.out_dim)
 
     def locations(self, grad_output_or_output: Tensor) -> int:
         return int(grad_output_or_output[0].numel() // self.out_dim)
@@ -98,20 +123,32 @@ class NormHelper(LayerHelper):
 
     # ---------------------------------------------------------------- gradients
     def matrix_blocks(self, tensors: list[Tensor]) -> list[Tensor]:
-        return [tensors[0].reshape(-1, 1), tensors[1].reshape(-1, 1)]
+        return [t.reshape(-1, 1) for t in tensors[:self.in_dim]]
 
     def split_matrix(self, mat: Tensor) -> list[Tensor]:
-        w, b = self.module.weight, self.module.bias
-        return [mat[:, 0].reshape(w.shape), mat[:, 1].reshape(b.shape)]
+        return [mat[:, i].reshape(p.shape) for i, p in enumerate(self.params)]
 
 
 class LayerNormHelper(NormHelper):
     module_type = nn.LayerNorm
     channels_first = False
 
+    def variants(self) -> tuple[str, ...]:
+        return ("plain", CHANNELS_FIRST)
+
+    def use_variant(self, name: str) -> None:
+        self.channels_first = name == CHANNELS_FIRST
+
     def normalized(self, inputs: Tensor) -> Tensor:
         m = self.module
+        if self.channels_first:  # LayerNorm over dim 1 of (B, C, ...)
+            return F.layer_norm(inputs.movedim(1, -1), m.normalized_shape, None, None,
+                                m.eps).movedim(-1, 1)
         return F.layer_norm(inputs, m.normalized_shape, None, None, m.eps)
+
+
+#: the LayerNorm variant that normalises dim 1 (timm's ``LayerNorm2d``)
+CHANNELS_FIRST = "channels-first LayerNorm (normalised over dim 1: x.movedim(1, -1))"
 
 
 class BatchNormHelper(NormHelper):

@@ -3,6 +3,10 @@
 On a curvature step every preconditioned layer whose parameters have a gradient should have
 statistics. When one has none, the capture's report says why:
 
+* it was a candidate layer (:mod:`natgrad.layers.registry`) whose first forward did not compute
+  its helper's formula: it is taken out of preconditioning with that reason (the helper warned
+  when it checked);
+
 * its forward never ran through the module (its hook never fired) although its parameters got a
   gradient: the module is called functionally (``F.linear(x, layer.weight)``, attention's fused
   projections). On the first curvature step such a layer is taken out of preconditioning (it
@@ -52,6 +56,9 @@ def missing_statistics(opt: KFAC, stats: dict[str, LayerStatistics],
             "full-batch loss) pass accumulation='full_batch', and pass accumulation='mean' to "
             "confirm the division (warned once)")
     for name, helper in list(opt.layers.items()):
+        if helper.refusal is not None:
+            opt.curvature.drop_layer(name, helper.refusal)
+            continue
         if name in stats or all(p.grad is None for p in helper.params):
             continue
         if name in report.nonfinite:
