@@ -86,6 +86,13 @@ class Case:
     mask: Callable[[nn.Module], Tensor]
     kind: str
     rtol: float = 1e-10
+    needs: str | None = None  # an optional package the case imports (skipped without it)
+
+    def skip_without_needs(self) -> None:
+        if self.needs is not None:
+            import pytest
+
+            pytest.importorskip(self.needs)
 
 
 def _full(layer: nn.Module) -> Tensor:
@@ -160,7 +167,8 @@ def _x(*shape: int, seed: int = 14) -> Callable[[], Tensor]:
 
 
 CASES = [
-    Case("transformers_conv1d", _conv1d_net, _x(1, 5), _full, "linear_transposed"),
+    Case("transformers_conv1d", _conv1d_net, _x(1, 5), _full, "linear_transposed",
+         needs="transformers"),
     Case("grouped_conv2d", _conv_net(2, 4, 6), _x(1, 4, 3, 3), _groups_mask, "conv2d_grouped"),
     Case("depthwise_conv2d", _conv_net(3, 3, 6), _x(1, 3, 3, 3), _groups_mask,
          "conv2d_grouped"),
@@ -172,7 +180,7 @@ CASES = [
          _channel_mask, "norm"),
     # LlamaRMSNorm normalises in float32 whatever the input dtype: float32 rounding
     Case("llama_rmsnorm", _norm_net(_llama_rmsnorm), _x(7, 5), _channel_mask, "norm",
-         rtol=1e-5),
+         rtol=1e-5, needs="transformers"),
     Case("layernorm2d_w_ne_c", _spatial_norm_net(lambda: LayerNorm2d(4)), _x(3, 2, 2, 5),
          _channel_mask, "norm"),
     Case("layernorm2d_w_eq_c", _spatial_norm_net(lambda: LayerNorm2d(4)), _x(3, 2, 3, 4),

@@ -16,6 +16,7 @@ from natgrad.fisher.dense import dense_ggn
 
 
 def test_gpt2_is_at_least_95_percent_preconditioned():
+    pytest.importorskip("transformers")
     model = tiny_gpt2()
     reg = discover(model)
     assert reg.coverage(model) >= 0.95
@@ -33,6 +34,7 @@ def test_mobilenet_like_is_at_least_90_percent_preconditioned():
 
 @pytest.mark.parametrize("factors", ["eigh", "projected"])
 def test_gpt2_trains(factors):
+    pytest.importorskip("transformers")
     model = tiny_gpt2()
     opt = natgrad.KFAC(model, lr=0.1, factors=factors, inverse_every=1)
     ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(1))

@@ -35,6 +35,7 @@ def test_match_says_which_modules_are_candidates():
     assert match(nn.Linear(2, 2))[1] is None
     assert match(nn.modules.linear.NonDynamicallyQuantizableLinear(2, 2))[1] is None
     assert "own forward" in match(DoubledLinear(2, 2))[1]
+    pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.pytorch_utils import Conv1D
 
@@ -68,6 +69,7 @@ def test_a_subclass_computing_its_parents_formula_is_used():
 
 
 def test_rmsnorm_name_pattern_gemma_refused_llama_used():
+    pytest.importorskip("transformers")
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 

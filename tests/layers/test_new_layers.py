@@ -28,6 +28,7 @@ def _sub(K: KFACOperator, prefix: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_block_is_the_exact_fisher_block(case: Case):
+    case.skip_without_needs()
     model, layer = case.build()
     name = _layer_name(model, layer)
     x = case.x()
@@ -57,6 +58,7 @@ def test_analysis_runs_on_each_layer_type(case: Case):
     (``cache=False``) agree where the layer has them."""
     from natgrad.fisher.analysis import analyze
 
+    case.skip_without_needs()
     model, layer = case.build()
     model.eval()
     g = torch.Generator().manual_seed(16)
@@ -73,6 +75,7 @@ def test_analysis_runs_on_each_layer_type(case: Case):
 def test_step_is_the_damped_solve_of_the_block(case: Case):
     """The optimizer's step on the layer is ``(B + λ I)⁻¹ ∇`` for its block ``B`` as the
     operator represents it (eigh factors: exact damping; per-channel blocks: exact)."""
+    case.skip_without_needs()
     model, layer = case.build()
     name = _layer_name(model, layer)
     x = case.x()

@@ -32,7 +32,8 @@ def test_tied_weights_one_block_and_the_rule_stated():
     opt = natgrad.KFAC(model)
     assert set(opt.layers) == {"emb", "mix"}  # no second block for the head
     reg = opt.curvature.registration
-    assert "head" in reg.skipped and "'emb'" in reg.skipped["head"]
+    assert reg.shared_uses == {"head": "emb"} and "'emb'" in reg.skipped["head"]
+    assert "shared use      head" in opt.registration_summary
     assert list(reg.shared) == ["emb.weight"]
     assert "'emb', 'head'" in reg.shared["emb.weight"]
     assert "summed over all uses" in opt.registration_summary

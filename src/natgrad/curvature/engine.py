@@ -211,7 +211,9 @@ class KroneckerCurvature:
                 lines.append(f"    {h.note}")
             elif h.pending:
                 lines.append(f"    to be checked on its first forward ({h.pending})")
-        lines += [f"  plain step      {name} ({reason})"
+        uses = self.registration.shared_uses
+        lines += [f"  shared use      {name} ({reason})" if name in uses else
+                  f"  plain step      {name} ({reason})"
                   for name, reason in self.registration.skipped.items()]
         lines += [f"  shared          {p}: {how}" for p, how in self.registration.shared.items()]
         if self.registration.plain:

@@ -37,12 +37,15 @@ class Registration:
         skipped: module name → why a module with a helper is not preconditioned.
         plain: parameter name → why it takes the plain step (optimised parameters only).
         shared: parameter name → how a tensor used by several registered layers is treated.
+        shared_uses: layer name → the layer whose block holds its shared parameters (such a
+            layer is also in ``skipped``: its other parameters, if any, take the plain step).
     """
 
     layers: dict[str, LayerHelper] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     plain: dict[str, str] = field(default_factory=dict)
     shared: dict[str, str] = field(default_factory=dict)
+    shared_uses: dict[str, str] = field(default_factory=dict)
 
     def coverage(self, model: nn.Module, params: Iterable[Tensor] | None = None) -> float:
         """The fraction of the optimised parameters' entries (default: all of ``model``'s,
@@ -91,6 +94,7 @@ def discover(model: nn.Module, params: Iterable[Tensor] | None = None) -> Regist
                 users.setdefault(id(p), []).append(name)
             reg.skipped[name] = (f"shares parameters with layer {shared[0]!r}, whose block "
                                  "preconditions them")
+            reg.shared_uses[name] = shared[0]
             continue
         helper.name = name
         reg.layers[name] = helper
