@@ -101,7 +101,7 @@ class _Pass:
     samples: int | None = None  # the batch size of the model output
     terms: int | None = None  # likelihood terms in the pass (for loss_reduction="mean")
     scale: float = 1.0  # the grad scaler's scale at the forward
-    tapped: bool = False  # the Monte-Carlo / exact pull-back ran
+    tapped: bool = False  # the backward reached the logits (mc / exact: the pull-back ran)
     finite: bool = True  # False: the logits gave non-finite directions; no statistics
 
     @property
@@ -414,12 +414,11 @@ class HookCapture:
         the sum of the per-sample negative log-likelihoods, ``s_i`` :meth:`_size`), with
         ``w_i = 1/K`` (``accumulation="mean"``), ``1`` (``"sum"``) or ``s_i / Σ_j s_j``
         (``"full_batch"``); the rows of pass ``i`` are its gradient times ``s_i / w_i``."""
-        if self.accumulation == "full_batch":
-            mult = float(sum(sizes)) if self.loss_reduction != "sum" else 1.0
-        else:
-            mult = float(r.samples if self.loss_reduction == "batch_mean" else self._size(p))
-            if self.accumulation == "mean":
-                mult *= len(sizes)
+        mult = float(r.samples if self.loss_reduction == "batch_mean" else self._size(p))
+        if self.accumulation == "mean":
+            mult *= len(sizes)
+        elif self.accumulation == "full_batch" and self.loss_reduction != "sum":
+            mult *= sum(sizes) / self._size(p)  # (the layer's own sample count times N / n_i)
         return mult / (p.scale if p is not self._orphans else scale)
 
     def discard_backpropagated(self) -> None:
