@@ -6,6 +6,7 @@
 * :mod:`.data` — the analysis' capture, from one pass over a data set;
 * :mod:`.rows` — the row math both captures share (output directions, batched pull-back);
 * :mod:`.outputs` — finding the logits in a model's output (``output_key``);
+* :mod:`.damping` — the damping floor a block's factor precision resolves;
 * :mod:`.statistics` — the Fisher kinds and the per-layer statistics type.
 """
 
