@@ -3,7 +3,7 @@
 matplotlib (figures), scipy (:meth:`natgrad.fisher.LinearOperator.to_scipy`), tqdm (progress
 bars) and transformers (the tiny Hugging Face models of :mod:`natgrad.models.zoo`) serve one
 feature each, so they are extras of the package (``pip install 'natgrad[plots]'``, ``[scipy]``,
-``[progress]``, ``[zoo]``, or ``[all]``) rather than hard dependencies.
+``[progress]``, ``[all]`` for these three, and ``[zoo]``) rather than hard dependencies.
 """
 
 from __future__ import annotations
