@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _zoo_cases import (
+    CASES,
+    PADDING,
     Case,
     batch,
     build,
@@ -57,6 +59,22 @@ def test_fisher_vector_products(case: Case, mode: str):
     close(op @ V[:, 0], F_ref @ V[:, 0], case.rtol)
     close(op @ V, F_ref @ V, case.rtol)
     close(op.flatten(op @ op.unflatten(V[:, 1])), F_ref @ V[:, 1], case.rtol)
+
+
+@pytest.mark.xfail(strict=True, reason=PADDING)
+def test_products_through_forward_mode_with_a_padding_row():
+    """BERT with eager attention (the products take forward-mode AD) on ids that contain its
+    padding token (``pad_token_id=0``): autograd gives the padding row no gradient, so the
+    reference's Jacobian has none either."""
+    case = next(c for c in CASES if c.name == "bert")
+    model = build(case, f64).eval()
+    model.set_attn_implementation("eager")
+    x, y = batch(case, SAMPLES, seed=1, dtype=f64)
+    assert (x == model.config.pad_token_id).any()
+    F_ref = dense_fisher(model, x)
+    op = ExactFisher(model, (x, y), chunk_size=3)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(2), dtype=f64)
+    close(op @ v, F_ref @ v, case.rtol)
 
 
 @pytest.mark.parametrize("case", cases("analyze"))
