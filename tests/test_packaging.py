@@ -58,7 +58,9 @@ def test_wheel_contents(tmp_path):
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     core = [line.split()[1] for line in requires if "extra ==" not in line]
     assert any(c.startswith("torch") for c in core)
-    assert not [c for c in core if c.startswith(("matplotlib", "scipy", "tqdm"))], core
-    for extra, package in (("plots", "matplotlib"), ("scipy", "scipy"), ("progress", "tqdm")):
+    assert not [c for c in core if c.startswith(("matplotlib", "scipy", "tqdm", "transformers"))
+                ], core
+    for extra, package in (("plots", "matplotlib"), ("scipy", "scipy"), ("progress", "tqdm"),
+                           ("zoo", "transformers")):
         assert any(line.startswith(f"Requires-Dist: {package}") and f'extra == "{extra}"' in line
                    for line in requires), (extra, requires)

@@ -31,8 +31,11 @@ def test_readme_set_up_has_exactly_two_commands():
 def test_ci_runs_the_test_set_up_then_builds_the_docs():
     commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
                 if line.strip() and not line.lstrip().startswith(("#", "echo"))]
-    steps = ["pip install torch==2.13.0", "pip install -e '.[dev]'", "ruff check .",
+    pinned = "pip install -c .ci/constraints.txt"  # the extras install next to the tested torch
+    steps = ["pip install torch==2.13.0", f"{pinned} -e '.[dev]'", "ruff check .",
              "lint-imports", "pytest",
-             "pip install -e '.[docs]'", "mkdocs build --strict"]
+             f"{pinned} -e '.[docs]'", "mkdocs build --strict"]
     positions = [next((i for i, c in enumerate(commands) if step in c), -1) for step in steps]
     assert -1 not in positions and positions == sorted(positions), dict(zip(steps, positions))
+    constraints = (ROOT / ".ci" / "constraints.txt").read_text().splitlines()
+    assert "torch==2.13.0" in constraints

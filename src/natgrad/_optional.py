@@ -1,8 +1,9 @@
 """Optional dependencies: import them on first use, or fail naming the extra that installs them.
 
-matplotlib (figures), scipy (:meth:`natgrad.fisher.LinearOperator.to_scipy`) and tqdm (progress
-bars) serve one feature each, so they are extras of the package (``pip install 'natgrad[plots]'``,
-``[scipy]``, ``[progress]``, or ``[all]``) rather than hard dependencies.
+matplotlib (figures), scipy (:meth:`natgrad.fisher.LinearOperator.to_scipy`), tqdm (progress
+bars) and transformers (the tiny Hugging Face models of :mod:`natgrad.models.zoo`) serve one
+feature each, so they are extras of the package (``pip install 'natgrad[plots]'``, ``[scipy]``,
+``[progress]``, ``[all]`` for these three, and ``[zoo]``) rather than hard dependencies.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 from types import ModuleType
 
 #: importable module → the extra of ``natgrad`` that installs it
-EXTRAS = {"matplotlib": "plots", "scipy": "scipy", "tqdm": "progress"}
+EXTRAS = {"matplotlib": "plots", "scipy": "scipy", "tqdm": "progress", "transformers": "zoo"}
 
 
 class MissingExtraError(ImportError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,33 +89,65 @@ def interleaved_step_times(cfg: StepConfig) -> dict[str, Any]:
     order = torch.cat([torch.randperm(len(x_all), generator=gen)
                        for _ in range(1 + (cfg.rounds + cfg.warmup) * cfg.batch_size
                                       // len(x_all))])
-    times: dict[str, list[float]] = {n: [] for n in cfg.optimizers}
-    k = len(cfg.optimizers)
+    batches = []
     for r in range(cfg.warmup + cfg.rounds):
         idx = order[r * cfg.batch_size:(r + 1) * cfg.batch_size]
-        x, y = x_all[idx], y_all[idx]
-        for j in range(k):
-            name = cfg.optimizers[(r + j) % k]
-            t0 = time.perf_counter()
-            loss = loss_fn(models[name](x), y)
-            opts[name].zero_grad()
-            loss.backward()
-            opts[name].step()
-            loss.item()
-            if r >= cfg.warmup:
-                times[name].append(time.perf_counter() - t0)
-    ref = times[cfg.optimizers[0]]
-    runs = []
-    for name in cfg.optimizers:
-        ratios = sorted(a / b for a, b in zip(times[name], ref))
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-        runs.append({"optimizer": name, "step_time_s_median": statistics.median(times[name]),
-                     "ratio_median": statistics.median(ratios), "ratio_quartiles": [q[0], q[2]]})
+        batches.append((x_all[idx], y_all[idx]))
+    steps = {name: train_step(models[name], opts[name], loss_fn) for name in cfg.optimizers}
+    runs = summarise(round_robin(steps, batches, cfg.warmup))
     return {"config": {**cfg.__dict__, "optimizers": list(cfg.optimizers),
                        "hidden": None if cfg.hidden is None else list(cfg.hidden),
                        "threads": torch.get_num_threads()},
             "params": sum(p.numel() for p in initial.parameters()),
             "rounds": cfg.rounds, "runs": runs}
+
+
+Step = Callable[[Any, Any], None]
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer,
+               loss_fn: Callable[[Any, Any], torch.Tensor]) -> Step:
+    """``step(x, y)``: what a training loop times — forward, loss, ``zero_grad``, backward,
+    ``opt.step()`` and reading the loss (which waits for the device)."""
+
+    def step(x: Any, y: Any) -> None:
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    return step
+
+
+def round_robin(steps: dict[str, Step], batches: Sequence[tuple[Any, Any]],
+                warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each variant, taking turns on the same batches: in round ``r`` every
+    variant steps once on ``batches[r]``, the order rotated by ``r``; the first ``warmup``
+    rounds are not timed."""
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r, (x, y) in enumerate(batches):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            t0 = time.perf_counter()
+            steps[name](x, y)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summarise(times: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """Per variant: the median step time and the median (and quartiles) over rounds of its
+    ratio to the first variant's step in the same round."""
+    ref = next(iter(times.values()))
+    runs = []
+    for name, ts in times.items():
+        ratios = sorted(a / b for a, b in zip(ts, ref))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        runs.append({"optimizer": name, "step_time_s_median": statistics.median(ts),
+                     "ratio_median": statistics.median(ratios), "ratio_quartiles": [q[0], q[2]]})
+    return runs
 
 
 def format_steps(doc: dict[str, Any]) -> str:

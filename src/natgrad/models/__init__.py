@@ -7,7 +7,9 @@
 'bce'
 
 The table (:data:`MODELS`) and its functions import no torch until a model is built; the network
-classes are imported on first access.
+classes are imported on first access. :mod:`natgrad.models.zoo` holds tiny replicas of the
+networks users bring from timm and Hugging Face ``transformers`` (for tests and benchmarks; not
+in the table).
 """
 
 from __future__ import annotations
