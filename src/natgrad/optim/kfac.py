@@ -11,11 +11,13 @@ Usage (an ordinary torch.optim loop; statistics are gathered by hooks)::
 
 Per preconditioned layer the step direction is ``(A ⊗ G + λ I)⁻¹ vec(∇W)`` (exact damping for
 spectral factor strategies, π-split otherwise), scaled by the KL-clip factor
-``ν = min(1, sqrt(κ / Σ_ℓ η² ⟨∇_ℓ, Δ_ℓ⟩))``, then fed through heavy-ball momentum exactly like
-``torch.optim.SGD``. Parameters outside recognised layers take the plain SGD step
-(:attr:`KFAC.registration_summary` says which and why). The curvature itself — layers, factors,
-updates, refreshes and solves — is a :class:`~natgrad.curvature.KroneckerCurvature`
-(:attr:`KFAC.curvature`); the statistics come from its hook capture.
+``ν = min(1, sqrt(κ / Σ_ℓ η² ⟨∇_ℓ, Δ_ℓ⟩))`` (by default κ is relative: 4 times the running
+geometric mean of that quadratic, :mod:`natgrad.optim.relative_clip`), then fed through
+heavy-ball momentum exactly like ``torch.optim.SGD``. Parameters outside recognised layers take
+the plain SGD step (:attr:`KFAC.registration_summary` says which and why). The curvature
+itself — layers, factors, updates, refreshes and solves — is a
+:class:`~natgrad.curvature.KroneckerCurvature` (:attr:`KFAC.curvature`); the statistics come from
+its hook capture.
 """
 
 from __future__ import annotations
@@ -73,11 +75,11 @@ def _check_choices(precondition: Any, seed: Any, output_key: Any, loss_reduction
 
 def _check_graft(graft: GraftOptions | None, kl_clip: Any, momentum: Any,
                  preconditioner: Any) -> Any:
-    """The KL-clip to use: ``kl_clip="auto"`` is 1e-3, or ``None`` with grafting (the graft
-    decides the step length); ``ValueError`` for a clip, momentum or preconditioner mode with
-    grafting."""
+    """The KL-clip to use: ``kl_clip="auto"`` is the relative clip, or ``None`` with grafting
+    (the graft decides the step length); ``ValueError`` for a clip, momentum or preconditioner
+    mode with grafting."""
     if graft is None:
-        return 1e-3 if isinstance(kl_clip, str) and kl_clip == "auto" else kl_clip
+        return "relative" if isinstance(kl_clip, str) and kl_clip == "auto" else kl_clip
     if not (kl_clip is None or (isinstance(kl_clip, str) and kl_clip == "auto")):
         raise ValueError(f"invalid kl_clip={kl_clip!r} with graft: the graft decides the step "
                          "length (expected 'auto' or None)")
@@ -127,7 +129,9 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: the KL-clip ``ν = min(1, sqrt(κ / η² gᵀF⁻¹g))``: κ (a number), ``None`` (off),
             ``"relative"`` or a :class:`~natgrad.optim.RelativeClip` (cut only steps whose
             ``η² gᵀF⁻¹g`` exceeds ``ratio`` times its running geometric mean), or ``"auto"``
-            (default): 1e-3, or ``None`` with ``graft``. How often the clip bound is counted in
+            (default): the relative clip, or ``None`` with ``graft`` (until now the default was
+            κ = 1e-3, which binds on every step of a sequence model, so the learning rate did
+            nothing; docs/DESIGN.md, "Step size"). How often the clip bound is counted in
             :meth:`diagnostics` and the registration summary, and natgrad warns once when it
             decided most of the first 50 steps (the learning rate then had no effect).
         factors: factor strategy name (see :data:`natgrad.factors.STRATEGIES`).
