@@ -8,7 +8,8 @@ from typing import Any
 
 from .registry import OPTIMIZERS, OptimizerSpec, make_optimizer
 
-__all__ = ["KFAC", "OPTIMIZERS", "OptimizerSpec", "PreconditionedOptimizer", "make_optimizer"]
+__all__ = ["KFAC", "OPTIMIZERS", "GraftOptions", "OptimizerSpec", "PreconditionedOptimizer",
+           "RelativeClip", "make_optimizer"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +21,12 @@ def __getattr__(name: str) -> Any:
         from .preconditioned import PreconditionedOptimizer
 
         return PreconditionedOptimizer
+    if name == "GraftOptions":
+        from .grafting import GraftOptions
+
+        return GraftOptions
+    if name == "RelativeClip":
+        from .relative_clip import RelativeClip
+
+        return RelativeClip
     raise AttributeError(f"module 'natgrad.optim' has no attribute {name!r}")

@@ -11,15 +11,18 @@ Usage (an ordinary torch.optim loop; statistics are gathered by hooks)::
 
 Per preconditioned layer the step direction is ``(A ⊗ G + λ I)⁻¹ vec(∇W)`` (exact damping for
 spectral factor strategies, π-split otherwise), scaled by the KL-clip factor
-``ν = min(1, sqrt(κ / Σ_ℓ η² ⟨∇_ℓ, Δ_ℓ⟩))``, then fed through heavy-ball momentum exactly like
-``torch.optim.SGD``. Parameters outside recognised layers take the plain SGD step
-(:attr:`KFAC.registration_summary` says which and why). The curvature itself — layers, factors,
-updates, refreshes and solves — is a :class:`~natgrad.curvature.KroneckerCurvature`
-(:attr:`KFAC.curvature`); the statistics come from its hook capture.
+``ν = min(1, sqrt(κ / Σ_ℓ η² ⟨∇_ℓ, Δ_ℓ⟩))`` (by default κ is relative: 4 times the running
+geometric mean of that quadratic, :mod:`natgrad.optim.relative_clip`), then fed through
+heavy-ball momentum exactly like ``torch.optim.SGD``. Parameters outside recognised layers take
+the plain SGD step (:attr:`KFAC.registration_summary` says which and why). The curvature
+itself — layers, factors, updates, refreshes and solves — is a
+:class:`~natgrad.curvature.KroneckerCurvature` (:attr:`KFAC.curvature`); the statistics come from
+its hook capture.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Iterable
@@ -43,7 +46,10 @@ from ..layers import LayerHelper
 from ..likelihoods import ALIASES, LIKELIHOODS, get_likelihood
 from ..norms import finite_total, squared_norms
 from . import hyper
+from .binding import BindingRecord
 from .diagnostics import missing_statistics
+from .grafting import GraftOptions, grafted_step
+from .relative_clip import RelativeClip
 from .update import apply_updates, natural_directions, write_gradients
 
 logger = logging.getLogger("natgrad")
@@ -67,6 +73,39 @@ def _check_choices(precondition: Any, seed: Any, output_key: Any, loss_reduction
                          "torch.amp.GradScaler")
 
 
+def _check_graft(graft: GraftOptions | None, kl_clip: Any, momentum: Any,
+                 preconditioner: Any) -> Any:
+    """The KL-clip to use: ``kl_clip="auto"`` is the relative clip, or ``None`` with grafting
+    (the graft decides the step length); ``ValueError`` for a clip, momentum or preconditioner
+    mode with grafting."""
+    if graft is None:
+        return "relative" if isinstance(kl_clip, str) and kl_clip == "auto" else kl_clip
+    if not (kl_clip is None or (isinstance(kl_clip, str) and kl_clip == "auto")):
+        raise ValueError(f"invalid kl_clip={kl_clip!r} with graft: the graft decides the step "
+                         "length (expected 'auto' or None)")
+    if callable(momentum) or hyper.normalize("momentum", momentum) != 0:
+        raise ValueError(f"invalid momentum={momentum!r} with graft: Adam's beta1 is the "
+                         "momentum (expected 0)")
+    if preconditioner is True:
+        raise ValueError("invalid preconditioner=True with graft: grafting takes the step")
+    return None
+
+
+def _check_clip(kl_clip: Any) -> Any:
+    """``"relative"`` → a fresh :class:`RelativeClip`; a ``RelativeClip`` is copied (its running
+    scale is this optimizer's); numbers, ``None`` and schedules are checked as ``kl_clip``."""
+    if isinstance(kl_clip, str) and kl_clip == "relative":
+        return RelativeClip()
+    if isinstance(kl_clip, RelativeClip):
+        return dataclasses.replace(kl_clip)
+    if isinstance(kl_clip, str):
+        raise ValueError(f"invalid kl_clip={kl_clip!r}: expected 'auto', 'relative', None, a "
+                         "natgrad.optim.RelativeClip, a finite number > 0 or a callable of the "
+                         "step")
+    hyper.check("kl_clip", kl_clip)
+    return kl_clip
+
+
 class KFAC(torch.optim.Optimizer):
     """K-FAC optimizer.
 
@@ -87,7 +126,14 @@ class KFAC(torch.optim.Optimizer):
         factor_decay: EMA decay ρ of the Kronecker factors.
         curvature_every: update the factors every this many steps.
         inverse_every: refresh the factor inverses every this many steps.
-        kl_clip: κ of the KL-clip, or ``None`` to disable it.
+        kl_clip: the KL-clip ``ν = min(1, sqrt(κ / η² gᵀF⁻¹g))``: κ (a number), ``None`` (off),
+            ``"relative"`` or a :class:`~natgrad.optim.RelativeClip` (cut only steps whose
+            ``η² gᵀF⁻¹g`` exceeds ``ratio`` times its running geometric mean), or ``"auto"``
+            (default): the relative clip, or ``None`` with ``graft`` (until now the default was
+            κ = 1e-3, which binds on every step of a sequence model, so the learning rate did
+            nothing; docs/DESIGN.md, "Step size"). How often the clip bound is counted in
+            :meth:`diagnostics` and the registration summary, and natgrad warns once when it
+            decided most of the first 50 steps (the learning rate then had no effect).
         factors: factor strategy name (see :data:`natgrad.factors.STRATEGIES`).
         factor_options: the strategy's options: its ``Options`` dataclass (e.g.
             :class:`~natgrad.factors.ProjectedOptions`) or a dict of them (e.g. ``{"rank": 16}``).
@@ -127,6 +173,11 @@ class KFAC(torch.optim.Optimizer):
             parameter's ``.grad``, for any ``torch.optim`` optimizer to take the step
             (:class:`natgrad.optim.PreconditionedOptimizer` pairs the two); ``momentum`` and
             ``weight_decay`` must then be 0 (they are the other optimizer's).
+        graft: ``None`` (default), ``"adam"`` or :class:`~natgrad.optim.GraftOptions`: take
+            each preconditioned layer's step length from Adam and only its direction from the
+            natural gradient of Adam's first moment; other parameters take Adam's step
+            (:mod:`natgrad.optim.grafting`). ``lr`` then has Adam's units; no KL-clip, no
+            ``momentum`` (β₁ is the momentum).
 
     Every scalar hyperparameter may also be a callable ``step -> value``; numbers may be NumPy
     scalars or one-element tensors, as in ``torch.optim``.
@@ -146,7 +197,7 @@ class KFAC(torch.optim.Optimizer):
         factor_decay: hyper.Schedule = 0.95,
         curvature_every: hyper.Schedule = 1,
         inverse_every: hyper.Schedule = 10,
-        kl_clip: hyper.Schedule = 1e-3,
+        kl_clip: hyper.Schedule = "auto",
         factors: str = "eigh",
         factor_options: Any = None,
         factor_dtype: torch.dtype | None = None,
@@ -158,15 +209,19 @@ class KFAC(torch.optim.Optimizer):
         accumulation: str | None = None,
         grad_scaler: Any = None,
         preconditioner: bool = False,
+        graft: Any = None,
     ) -> None:
         # ---- validate everything before any state exists
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        graft_options = GraftOptions.coerce(graft)
+        kl_clip = _check_graft(graft_options, kl_clip, momentum, preconditioner)
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
                             ("damping", damping), ("factor_decay", factor_decay),
                             ("curvature_every", curvature_every),
-                            ("inverse_every", inverse_every), ("kl_clip", kl_clip)):
+                            ("inverse_every", inverse_every)):
             hyper.check(name, value)
+        kl_clip = _check_clip(kl_clip)
         if loss not in LIKELIHOODS and loss not in ALIASES:
             raise ValueError(f"invalid loss={loss!r}: accepted values: {sorted(LIKELIHOODS)}")
         fisher = check_fisher(fisher)
@@ -203,6 +258,8 @@ class KFAC(torch.optim.Optimizer):
         self.kl_clip = kl_clip
         self.precondition = bool(precondition)
         self.preconditioner = preconditioner
+        #: Adam grafting (:mod:`natgrad.optim.grafting`), or ``None``
+        self.graft = graft_options
         optimised = [p for g in self.param_groups for p in g["params"]]
         #: the curvature engine: layers, factors, updates, refreshes, solves
         self.curvature = KroneckerCurvature(net, optimised, strategy=factors, options=options,
@@ -219,6 +276,8 @@ class KFAC(torch.optim.Optimizer):
         self.skipped_curvature_updates = 0
         self.failed_refreshes = 0
         self._warned_sizes = False  # unequal micro-batch sizes (said once)
+        #: how often the KL-clip decided the step (:meth:`diagnostics`)
+        self.clip_record = BindingRecord("kl_clip")
         self._capture.armed = self.precondition and self._is_curvature_step(0)
         self.distributed = coordinator
         # collective when distributed: checks the model, assigns work
@@ -252,7 +311,18 @@ class KFAC(torch.optim.Optimizer):
         such as the ranks of energy-mode projected factors) and which parameters are not, and
         why."""
         head = f"K-FAC ({self.strategy} factors, fisher={self.fisher}, loss={self.loss}):"
-        return "\n".join([head, *self.curvature.summary_lines()])
+        lines = [head, *self.curvature.summary_lines()]
+        if self.clip_record.steps:
+            lines.append(self.clip_record.summary())
+        return "\n".join(lines)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """What decided the steps so far: the counters (skipped steps and curvature updates,
+        failed refreshes) and how often the KL-clip bound (``kl_clip``: steps, bound, fraction,
+        the last ``η² gᵀF⁻¹g``)."""
+        return {**{c: getattr(self, c) for c in _COUNTERS},
+                "kl_clip": self.clip_record.as_dict(),
+                "kl_quadratic_last": self.clip_record.last_quadratic}
 
     def memory_usage(self) -> dict[str, int]:
         """Bytes of factor state per layer."""
@@ -266,7 +336,8 @@ class KFAC(torch.optim.Optimizer):
         return {
             "factor_decay": hyper.resolve("factor_decay", self.factor_decay, step),
             "inverse_every": hyper.resolve("inverse_every", self.inverse_every, step),
-            "kl_clip": hyper.resolve("kl_clip", self.kl_clip, step),
+            "kl_clip": (self.kl_clip if isinstance(self.kl_clip, RelativeClip)
+                        else hyper.resolve("kl_clip", self.kl_clip, step)),
             "curvature": self._is_curvature_step(step),
             "groups": [
                 {k: hyper.resolve(k, g[k], step) for k in _GROUP_KEYS} for g in self.param_groups
@@ -319,6 +390,8 @@ class KFAC(torch.optim.Optimizer):
         grad_norms = {id(p): n for p, n in zip(with_grad, norms)}
         if self.preconditioner:
             write_gradients(self, hp, layer_group, grad_norms)
+        elif self.graft is not None:
+            grafted_step(self, hp, layer_group, grad_norms)
         else:
             directions, scales = natural_directions(self, hp, layer_group, grad_norms)
             apply_updates(self, directions, scales, hp)
@@ -354,6 +427,9 @@ class KFAC(torch.optim.Optimizer):
             **{c: getattr(self, c) for c in _COUNTERS},
             **self.curvature.state_dict(),
             "generator": self._generator.get_state(),
+            "kl_clip_record": self.clip_record.state_dict(),
+            **({"relative_clip": self.kl_clip.state_dict()}
+               if isinstance(self.kl_clip, RelativeClip) else {}),
         }
         return sd
 
@@ -376,6 +452,10 @@ class KFAC(torch.optim.Optimizer):
             for c in _COUNTERS:
                 setattr(self, c, int(extra[c]))
             self._generator.set_state(extra["generator"])
+            if "kl_clip_record" in extra:  # absent in checkpoints of natgrad <= 0.1
+                self.clip_record.load_state_dict(extra["kl_clip_record"])
+            if isinstance(self.kl_clip, RelativeClip) and "relative_clip" in extra:
+                self.kl_clip.load_state_dict(extra["relative_clip"])
             self.distributed.after_load(self._generator)
             self._capture.clear()
             self._capture.armed = self.precondition and self._is_curvature_step(self.steps)

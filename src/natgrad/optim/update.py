@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from ..factors import Direction
+from .relative_clip import RelativeClip
 
 if TYPE_CHECKING:  # pragma: no cover
     from .kfac import KFAC
@@ -53,13 +54,20 @@ def solve_layers(opt: KFAC, directions: dict[int, Tensor], hp: dict[str, Any],
     return out
 
 
-def kl_scale(new: dict[str, Direction], hp: dict[str, Any], layer_group: dict[str, int]
-             ) -> float:
-    """``ν = min(1, sqrt(κ / Σ_ℓ η² ⟨∇_ℓ, Δ_ℓ⟩))`` (1 without a KL-clip)."""
-    if hp["kl_clip"] is None or not new:
+def kl_scale(opt: KFAC, new: dict[str, Direction], hp: dict[str, Any],
+             layer_group: dict[str, int]) -> float:
+    """``ν = min(1, sqrt(κ / Σ_ℓ η² ⟨∇_ℓ, Δ_ℓ⟩))`` (1 without a KL-clip); the quadratic and
+    whether the clip bound are counted in ``opt.clip_record``."""
+    if not new:
         return 1.0
     vg = float(sum(hp["groups"][layer_group[n]]["lr"] ** 2 * D.inner for n, D in new.items()))
-    return min(1.0, (hp["kl_clip"] / vg) ** 0.5) if vg > 0 else 1.0
+    kappa = hp["kl_clip"]
+    if isinstance(kappa, RelativeClip):
+        scale = kappa.scale(vg)
+    else:
+        scale = min(1.0, (kappa / vg) ** 0.5) if kappa is not None and vg > 0 else 1.0
+    opt.clip_record.record(scale < 1.0, vg, kappa)
+    return scale
 
 
 def natural_directions(opt: KFAC, hp: dict[str, Any], layer_group: dict[str, int],
@@ -77,7 +85,7 @@ def natural_directions(opt: KFAC, hp: dict[str, Any], layer_group: dict[str, int
     if not opt.precondition:
         return directions, scales
     new = solve_layers(opt, directions, hp, layer_group, grad_norms)
-    scale = kl_scale(new, hp, layer_group)
+    scale = kl_scale(opt, new, hp, layer_group)
     for name, D in new.items():
         helper = opt.layers[name]
         ghp = hp["groups"][layer_group[name]]
@@ -103,7 +111,7 @@ def write_gradients(opt: KFAC, hp: dict[str, Any], layer_group: dict[str, int],
     if not opt.precondition:
         return
     new = solve_layers(opt, gradient_directions(opt, hp), hp, layer_group, grad_norms)
-    scale = kl_scale(new, hp, layer_group)
+    scale = kl_scale(opt, new, hp, layer_group)
     for name, D in new.items():
         helper = opt.layers[name]
         for p, d in zip(helper.params, helper.split_matrix(D.dense())):
