@@ -2,7 +2,8 @@
 
 matplotlib (figures), scipy (:meth:`natgrad.fisher.LinearOperator.to_scipy`) and tqdm (progress
 bars) serve one feature each, so they are extras of the package (``pip install 'natgrad[plots]'``,
-``[scipy]``, ``[progress]``, or ``[all]``) rather than hard dependencies.
+``[scipy]``, ``[progress]``, or ``[all]``) rather than hard dependencies; pytorch-optimizer (SOAP,
+Shampoo and PSGD-Kron for the optimizer race) is the ``[peers]`` extra.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import importlib
 from types import ModuleType
 
 #: importable module → the extra of ``natgrad`` that installs it
-EXTRAS = {"matplotlib": "plots", "scipy": "scipy", "tqdm": "progress"}
+EXTRAS = {"matplotlib": "plots", "scipy": "scipy", "tqdm": "progress",
+          "pytorch_optimizer": "peers"}
 
 
 class MissingExtraError(ImportError):
