@@ -34,6 +34,7 @@ def test_trials_start_at_the_default_and_stay_in_the_space():
 def test_time_to_target_and_ratios_to_adamw():
     assert to_target([[0, 0.0, 3.0], [10, 1.0, 2.5], [20, 2.0, 2.0]], 2.5) == (10, 1.0)
     assert to_target([[0, 0.0, 3.0]], 2.5) == (None, None)
+    assert to_target([[0, 0.0, 2.0], [10, 1.0, 2.4]], 2.5) == (10, 1.0)  # a run must train
 
     def run(curve, val=2.0):
         return {"curve": curve, "final_validation_loss": val, "final_test_loss": val,

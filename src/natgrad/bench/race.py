@@ -346,9 +346,10 @@ def race_seed(task: Task, picked: Mapping[str, Mapping[str, float]], seed: int,
 
 
 def to_target(curve: Sequence[Sequence[float]], target: float) -> tuple[int | None, float | None]:
-    """Steps and own seconds at the first evaluation at or below ``target``."""
+    """Steps and own seconds at the first evaluation after step 0 at or below ``target``
+    (``None, None``: never)."""
     for step, own, val in curve:
-        if val <= target:
+        if step > 0 and val is not None and val <= target:
             return int(step), float(own)
     return None, None
 
