@@ -112,3 +112,19 @@ def test_command_line_errors_come_before_work(tmp_path, capsys):
     assert main(["race", "--steps", "0", "--out", str(tmp_path)]) == 2
     assert "--steps must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "race.json").exists()
+
+
+def test_the_optimizers_own_clip_count_comes_first():
+    class Counted:
+        def diagnostics(self):
+            return {"kl_clip": {"steps": 4, "bound": 1, "fraction": 0.25}}
+
+    class Paired:
+        preconditioner = Counted()
+
+    clips = ClipRecorder()
+    clips.scales["pkfac"] = [0.5, 0.5]
+    assert clips.fraction("pkfac", Counted()) == (0.25, "diagnostics")
+    assert clips.fraction("pkfac", Paired()) == (0.25, "diagnostics")
+    assert clips.fraction("pkfac", object()) == (1.0, "recorded")
+    assert clips.fraction("other", object()) == (None, None)

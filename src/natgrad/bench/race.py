@@ -18,7 +18,8 @@ Protocol (:func:`run_race`):
    steps and own time to the target (first evaluation at or below it), final validation and test
    loss, and the ratios ``AdamW's time / its time`` (above 1: sooner than AdamW) with their
    range over seeds. For natgrad's K-FAC, the fraction of steps on which the KL-clip bound
-   (``ν < 1``: the clip, not the learning rate, set the step length).
+   (``ν < 1``: the clip, not the learning rate, set the step length), from the optimizer's
+   ``diagnostics()`` where it counts it, else recorded by :class:`ClipRecorder`.
 
 Validation and test losses are over fixed subsets of the validation / test splits
 (``eval_samples``) during the race and over whole splits at the end (``final_samples``).
@@ -224,6 +225,19 @@ class ClipRecorder:
         finally:
             self._current = None
 
+    def fraction(self, name: str, opt: Any) -> tuple[float | None, str | None]:
+        """``(share of steps on which the clip bound, where it comes from)``: the optimizer's
+        own count (``diagnostics()["kl_clip"]``, of it or of its preconditioner) when it keeps
+        one, else the ``ν`` recorded here."""
+        kfac = opt if hasattr(opt, "diagnostics") else getattr(opt, "preconditioner", None)
+        diag = kfac.diagnostics() if hasattr(kfac, "diagnostics") else None
+        if isinstance(diag, Mapping) and isinstance(diag.get("kl_clip"), Mapping):
+            clip = diag["kl_clip"]
+            if clip.get("steps"):
+                return float(clip["bound"]) / clip["steps"], "diagnostics"
+        frac = self.bound_fraction(name)
+        return frac, None if frac is None else "recorded"
+
     def bound_fraction(self, name: str) -> float | None:
         """Share of the recorded steps with ``ν < 1`` (``None``: none recorded)."""
         nus = self.scales.get(name)
@@ -333,6 +347,7 @@ def race_seed(task: Task, picked: Mapping[str, Mapping[str, float]], seed: int,
                 curves[name].append([k, run.own_s, val])
     out = {}
     for name, run in runs.items():
+        clip, source = clips.fraction(name, run.opt) if name in NATGRAD else (None, None)
         final = {split: (math.inf if run.failed else task.evaluate(run.model, data,
                                                                      cfg.final_samples))
                  for split, data in (("validation", task.validation), ("test", task.test))}
@@ -340,8 +355,7 @@ def race_seed(task: Task, picked: Mapping[str, Mapping[str, float]], seed: int,
                      "final_validation_loss": final["validation"],
                      "final_test_loss": final["test"],
                      "step_ms": 1e3 * run.own_s / max(run.steps, 1),
-                     "clip_bound_fraction": (clips.bound_fraction(name) if name in NATGRAD
-                                             else None)}
+                     "clip_bound_fraction": clip, "clip_source": source}
     return out
 
 
