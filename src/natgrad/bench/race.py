@@ -88,8 +88,7 @@ class RaceConfig:
     hidden: tuple[int, ...] | None = None
     data: str | None = None
     context: int = 64
-    optimizers: tuple[str, ...] = ("adamw", "muon", "soap", "shampoo", "kron", "pkfac",
-                                   "pkfac+adamw")
+    optimizers: tuple[str, ...] = ("adamw", "muon", "soap", "shampoo", "pkfac", "pkfac+adamw")
     steps: int = 2000
     batch: int = 32
     trials: int = 8

@@ -1,5 +1,5 @@
 """``natgrad race``: time to result, AlgoPerf-style — natgrad's K-FAC against AdamW, Muon, SOAP,
-Shampoo and PSGD-Kron. Every optimizer gets the same tuning budget (a fixed number of short
+Shampoo (PSGD-Kron on request). Every optimizer gets the same tuning budget (a fixed number of short
 trials over its own key hyperparameters, scored on a validation split), then races at its pick
 over several seeds, the optimizers taking turns step by step; reported: steps and own wall time
 to a target validation loss (default: what tuned AdamW reaches), final validation and test loss,
@@ -22,7 +22,9 @@ from .common import (
     split_list,
 )
 
-DEFAULT_OPTIMIZERS = "adamw,muon,soap,shampoo,kron,pkfac,pkfac+adamw"
+#: kron (PSGD-Kron) is raced only on request: pytorch-optimizer 4.1's first Kron step on the
+#: default GPT did not finish in 100 s on the 2-core development machine
+DEFAULT_OPTIMIZERS = "adamw,muon,soap,shampoo,pkfac,pkfac+adamw"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
