@@ -53,6 +53,7 @@ def test_wheel_contents(tmp_path):
         info = f"natgrad-{natgrad.__version__}.dist-info"
         metadata = zf.read(f"{info}/METADATA").decode()
     assert {"natgrad/py.typed", "natgrad/data/mnist5k.npz", "natgrad/data/mnist5k.LICENSE.md",
+            "natgrad/data/shakespeare_char.npz", "natgrad/data/shakespeare_char.LICENSE.md",
             f"{info}/licenses/LICENSE"} <= names
     assert "License-Expression: MIT" in metadata
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]

@@ -1,9 +1,10 @@
 """Optional dependencies: import them on first use, or fail naming the extra that installs them.
 
 matplotlib (figures), scipy (:meth:`natgrad.fisher.LinearOperator.to_scipy`), tqdm (progress
-bars) and transformers (the tiny Hugging Face models of :mod:`natgrad.models.zoo`) serve one
-feature each, so they are extras of the package (``pip install 'natgrad[plots]'``, ``[scipy]``,
-``[progress]``, ``[all]`` for these three, and ``[zoo]``) rather than hard dependencies.
+bars), transformers (the tiny Hugging Face models of :mod:`natgrad.models.zoo`) and
+pytorch-optimizer (SOAP, Shampoo and PSGD-Kron for the optimizer race) serve one feature each, so
+they are extras of the package (``pip install 'natgrad[plots]'``, ``[scipy]``, ``[progress]``,
+``[all]`` for these three, ``[zoo]`` and ``[peers]``) rather than hard dependencies.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import importlib
 from types import ModuleType
 
 #: importable module → the extra of ``natgrad`` that installs it
-EXTRAS = {"matplotlib": "plots", "scipy": "scipy", "tqdm": "progress", "transformers": "zoo"}
+EXTRAS = {"matplotlib": "plots", "scipy": "scipy", "tqdm": "progress", "transformers": "zoo",
+          "pytorch_optimizer": "peers"}
 
 
 class MissingExtraError(ImportError):

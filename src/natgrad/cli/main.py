@@ -30,10 +30,10 @@ from .._version import __version__
 OMP_WAIT_POLICY = "PASSIVE"
 PASSIVE_COMMANDS = ("analyze",)
 
-from . import analyze, bench, compare, reproduce  # noqa: E402
+from . import analyze, bench, compare, race, reproduce  # noqa: E402
 from .common import ArgumentParser, UsageError  # noqa: E402
 
-COMMANDS = [compare, analyze, bench, reproduce]
+COMMANDS = [compare, analyze, bench, race, reproduce]
 #: environment variable that, set to a value other than ``""`` / ``"0"``, re-raises failures
 DEBUG_ENV = "NATGRAD_DEBUG"
 

@@ -64,6 +64,8 @@ FASHION_INFO = DatasetInfo("fashion-mnist", (1, 28, 28), 10)
 CIFAR10_INFO = DatasetInfo("cifar10", (3, 32, 32), 10)
 TEACHER_INFO = DatasetInfo("teacher", (20,), 4)
 MAJORITY_INFO = DatasetInfo("majority", (16,), 8, vocab=8)
+#: at the default context of 64 characters; 84 = the characters of the embedded text
+SHAKESPEARE_CHAR_INFO = DatasetInfo("shakespeare_char", (64,), 84, vocab=84)
 
 #: the four IDX files of MNIST and Fashion-MNIST (raw or ``.gz``)
 IDX_FILES = {

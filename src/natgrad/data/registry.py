@@ -93,6 +93,12 @@ DATASETS: dict[str, DatasetSpec] = {
         _info.MAJORITY_INFO,
         description="generated token sequences, target: the running majority (4,000 / 1,000)",
     ),
+    "shakespeare_char": DatasetSpec(
+        lambda root, norm: _load("shakespeare", "load_shakespeare_char"),
+        _info.SHAKESPEARE_CHAR_INFO,
+        description="embedded Shakespeare text, 64 characters per sample, target: the next "
+                    "character (71,118 / 3,950; a validation split too)",
+    ),
 }
 
 
@@ -150,7 +156,7 @@ def load_dataset(
 
     Args:
         name: one of :data:`DATASETS` (``mnist5k``, ``mnist``, ``fashion-mnist``, ``cifar10``,
-            ``teacher``, ``majority``).
+            ``teacher``, ``majority``, ``shakespeare_char``).
         root: directory with the files of a file-backed data set (ignored by built-in ones).
         download: fetch missing files with torchvision, when it is importable.
         normalize: standardise inputs with the data set's usual mean and std.

@@ -1,5 +1,5 @@
 """Models: :class:`MLP`, :class:`SmallCNN`, :class:`ResNet8`, :class:`CausalTransformer`,
-:class:`DeepAutoencoder`, :class:`WideCNN` and the :data:`MODELS` table.
+:class:`GPT`, :class:`DeepAutoencoder`, :class:`WideCNN` and the :data:`MODELS` table.
 
 >>> from natgrad.data import dataset_info
 >>> model = build_model("mlp", dataset_info("mnist5k"))
@@ -31,6 +31,7 @@ from .registry import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover - imported lazily by __getattr__
+    from .gpt import GPT
     from .nets import MLP, DeepAutoencoder, SmallCNN
     from .resnet import ResNet8
     from .transformer import CausalTransformer
@@ -38,11 +39,12 @@ if TYPE_CHECKING:  # pragma: no cover - imported lazily by __getattr__
 
 #: network class → the module defining it
 _NETWORKS = {"MLP": "nets", "DeepAutoencoder": "nets", "SmallCNN": "nets", "ResNet8": "resnet",
-             "CausalTransformer": "transformer", "WideCNN": "widecnn"}
+             "CausalTransformer": "transformer", "GPT": "gpt", "WideCNN": "widecnn"}
 
 __all__ = [
     "MLP",
     "CausalTransformer",
+    "GPT",
     "ResNet8",
     "MODELS",
     "DeepAutoencoder",

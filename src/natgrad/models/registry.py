@@ -55,6 +55,15 @@ def _transformer(info: DatasetInfo, hidden: tuple[int, ...]) -> nn.Module:
     return CausalTransformer(info.vocab, info.num_classes, info.input_shape[0])
 
 
+def _gpt(info: DatasetInfo, hidden: tuple[int, ...]) -> nn.Module:
+    from .gpt import GPT
+
+    if len(hidden) != 3:
+        raise ValueError(f"model 'gpt' takes hidden = (width, depth, heads), got {hidden}")
+    width, depth, heads = hidden
+    return GPT(info.vocab, info.input_shape[0], width, depth, heads)
+
+
 def _widecnn(info: DatasetInfo, hidden: tuple[int, ...]) -> nn.Module:
     from .widecnn import WideCNN
 
@@ -72,6 +81,8 @@ class ModelSpec:
         reconstruct: the target is the input itself (autoencoders), not the label.
         needs_images: the model needs ``(C, H, W)`` inputs (``[0, 1]`` pixels for ``bce``).
         needs_tokens: the model needs token-sequence inputs (one label per position).
+        dataset: the data set used when none is named (``None``: ``majority`` for token models,
+            ``mnist5k`` otherwise).
     """
 
     builder: Builder
@@ -80,6 +91,7 @@ class ModelSpec:
     reconstruct: bool = False
     needs_images: bool = False
     needs_tokens: bool = False
+    dataset: str | None = None
 
     @property
     def takes_hidden(self) -> bool:
@@ -115,6 +127,13 @@ MODELS: dict[str, ModelSpec] = {
         "cross_entropy",
         needs_tokens=True,
     ),
+    "gpt": ModelSpec(  # hidden = (width, depth, heads); 0.43M parameters on shakespeare_char
+        _gpt,
+        "cross_entropy",
+        default_hidden=(128, 2, 4),
+        needs_tokens=True,
+        dataset="shakespeare_char",
+    ),
     "widecnn": ModelSpec(  # hidden = the conv channels
         _widecnn,
         "cross_entropy",
@@ -138,9 +157,13 @@ def loss_kind(name: str) -> str:
 
 
 def default_dataset(name: str) -> str:
-    """The data set a registered model uses when none is named: the generated ``majority``
-    sequences for token models, the embedded ``mnist5k`` sample otherwise."""
-    return "majority" if get_model_spec(name).needs_tokens else "mnist5k"
+    """The data set a registered model uses when none is named: its entry's ``dataset``, else the
+    generated ``majority`` sequences for token models and the embedded ``mnist5k`` sample for
+    the others."""
+    spec = get_model_spec(name)
+    if spec.dataset is not None:
+        return spec.dataset
+    return "majority" if spec.needs_tokens else "mnist5k"
 
 
 def check_model_args(name: str, info: DatasetInfo, hidden: Sequence[int] | None) -> ModelSpec:
@@ -165,9 +188,11 @@ def build_model(
     """Build a registered model for a data set (initialised from torch's global RNG).
 
     Args:
-        name: ``"mlp"``, ``"cnn"``, ``"resnet8"``, ``"transformer"`` or ``"autoencoder"``.
+        name: ``"mlp"``, ``"cnn"``, ``"resnet8"``, ``"transformer"``, ``"gpt"``,
+            ``"autoencoder"`` or ``"widecnn"``.
         dataset_info: input shape and number of classes.
-        hidden: widths (MLP hidden layers; autoencoder encoder widths); default per model.
+        hidden: widths (MLP hidden layers; autoencoder encoder widths; the GPT's
+            ``(width, depth, heads)``); default per model.
     """
     spec = check_model_args(name, dataset_info, hidden)
     widths = tuple(hidden) if hidden is not None else spec.default_hidden

@@ -70,9 +70,35 @@ def _adam(model: nn.Module, params: Params, lr: float, loss_kind: str,
 
 def _adamw(model: nn.Module, params: Params, lr: float, loss_kind: str,
            **kw: Any) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019) at torch's defaults: betas (0.9, 0.999), eps 1e-8,
+    weight decay 0.01, lr 1e-3 (Kingma & Ba 2015's Adam default)."""
     import torch
 
     return torch.optim.AdamW(params, lr=lr, **kw)
+
+
+def _muon(model: nn.Module, params: Params, lr: float, loss_kind: str,
+          **kw: Any) -> torch.optim.Optimizer:
+    """torch.optim.Muon on the hidden matrices, AdamW on the rest (see
+    :class:`natgrad.optim.peers.MuonWithAdamW` for the sourced defaults). ``params`` is not
+    used: the model's parameters are split by role."""
+    from .peers import MuonWithAdamW
+
+    return MuonWithAdamW(model, lr=lr, **kw)
+
+
+def _peer(name: str, defaults_name: str) -> Factory:
+    """A factory for the pytorch-optimizer class ``name`` with the sourced defaults
+    :data:`natgrad.optim.peers.<defaults_name>` (imported, with pytorch-optimizer, on use)."""
+
+    def factory(model: nn.Module, params: Params, lr: float, loss_kind: str,
+                **kw: Any) -> torch.optim.Optimizer:
+        from . import peers
+
+        return peers.pytorch_optimizer(name)(params, lr=lr,
+                                             **{**getattr(peers, defaults_name), **kw})
+
+    return factory
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -81,6 +107,20 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     ),
     "adam": OptimizerSpec(_adam, default_lr=1e-3, description="Adam"),
     "adamw": OptimizerSpec(_adamw, default_lr=1e-3, description="AdamW (weight decay 0.01)"),
+    # the optimizers practitioners pick instead (natgrad.optim.peers says where each default
+    # comes from); soap, shampoo and kron need the optional pytorch-optimizer (natgrad[peers])
+    "muon": OptimizerSpec(
+        _muon, default_lr=0.02,
+        description="torch Muon on the hidden matrices (lr), AdamW on the rest (adamw_lr 3e-4)",
+    ),
+    "soap": OptimizerSpec(_peer("SOAP", "SOAP"), default_lr=3e-3,
+                          description="SOAP (pytorch-optimizer; natgrad[peers])"),
+    "shampoo": OptimizerSpec(
+        _peer("ScalableShampoo", "SHAMPOO"), default_lr=1.8e-3,
+        description="Shampoo with Adam-style grafting (pytorch-optimizer; natgrad[peers])",
+    ),
+    "kron": OptimizerSpec(_peer("Kron", "KRON"), default_lr=1e-3,
+                          description="PSGD-Kron (pytorch-optimizer; natgrad[peers])"),
 }
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from .capacity import capacity_md
 from .format import DASH, figure, md_table, mean_std, num, pm, ratio
 from .peers import peers_md
+from .race import race_md
 from .sections import (
     analysis_md,
     convergence_md,
@@ -39,6 +40,7 @@ RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "families": families_md,
     "steps": steps_md,
     "convergence": convergence_md,
+    "race": race_md,
     "discussion": lambda doc: doc["text"].strip(),
 }
 

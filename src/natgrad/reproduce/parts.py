@@ -12,6 +12,7 @@ from .context import Context, PartUnavailable, available_optimizers
 from .curvature import run_analysis, run_scaling, run_stability
 from .families import run_convergence, run_families, run_steps
 from .peers import run_peers
+from .race import run_race
 from .training import WIDE_VARIANTS, compare, run_parity, run_timing, run_wide
 
 
@@ -34,6 +35,7 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "families": run_families,
     "steps": run_steps,
     "convergence": run_convergence,
+    "race": run_race,
     "discussion": run_discussion,
 }
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 
 #: the parts, in the order of docs/RESULTS.md
 PARTS = ("parity", "timing", "scaling", "capacity", "stability", "analysis", "peers",
-         "families", "steps", "convergence", "discussion")
+         "families", "steps", "convergence", "race", "discussion")
 PART_TITLES = {
     "parity": "1. Accuracy parity",
     "timing": "2. Time to target and step time, relative to SGD",
@@ -21,7 +21,8 @@ PART_TITLES = {
     "families": "8. Whole networks: a ResNet with BatchNorm and a causal transformer",
     "steps": "9. Step time of whole networks, the optimizers taking turns",
     "convergence": "10. Training to convergence with tuned learning rates",
-    "discussion": "11. Discussion",
+    "race": "11. Time to result against the optimizers people use",
+    "discussion": "12. Discussion",
 }
 #: optimizers of the parity and timing tables; those not registered at run time are listed as
 #: missing
@@ -54,6 +55,9 @@ class Settings:
         convergence_models, convergence_epochs: training to convergence (cosine schedule).
         grid_epochs, validation: the learning-rate grid, on the last ``validation`` training
             samples.
+        race_models, race_steps, race_trials, race_tune_steps, race_eval_every: ``natgrad
+            race`` per model (steps per raced run, tuning trials and their steps, steps between
+            evaluations); its seeds are ``seeds``.
     """
 
     mode: str = "full"
@@ -97,6 +101,12 @@ class Settings:
     convergence_epochs: int = 30
     grid_epochs: int = 5
     validation: int = 500
+    race_models: tuple[str, ...] = ("gpt", "resnet8")
+    race_steps: dict[str, int] = field(default_factory=lambda: {"gpt": 2000, "resnet8": 1000})
+    race_trials: int = 8
+    race_tune_steps: dict[str, int] = field(
+        default_factory=lambda: {"gpt": 300, "resnet8": 150})
+    race_eval_every: int = 50
 
     def with_seeds(self, seeds: tuple[int, ...] | None) -> Settings:
         return self if seeds is None else replace(self, seeds=seeds)
@@ -135,6 +145,11 @@ QUICK = Settings(
     convergence_models=("transformer",),
     convergence_epochs=2,
     grid_epochs=1,
+    race_models=("gpt",),
+    race_steps={"gpt": 300},
+    race_trials=3,
+    race_tune_steps={"gpt": 60},
+    race_eval_every=25,
 )
 
 #: seconds for the tests: tiny networks on a few hundred samples
@@ -178,6 +193,7 @@ TINY = Settings(
     convergence_epochs=1,
     grid_epochs=1,
     validation=64,
+    race_models=("gpt",),
 )
 
 MODES = {"full": FULL, "quick": QUICK, "tiny": TINY}
@@ -288,6 +304,10 @@ def estimate(settings: Settings, parts: tuple[str, ...] | list[str],
             + sum(_epochs_cost(m, (o,), s.grid_epochs + 0.3, s.limit_train.get(m))
                   * len(LR_GRID[o]) for o in CONVERGENCE_OPTIMIZERS)
             for m in s.convergence_models)
+    if "race" in parts:
+        from .race import estimate_race
+
+        est["race"] = estimate_race(s)
     if "discussion" in parts:
         est["discussion"] = 0.0
     return {k: v * speed for k, v in est.items()}
