@@ -246,9 +246,12 @@ class ClipRecorder:
 # --------------------------------------------------------------------------- tuning
 
 
-def trial_settings(name: str, trials: int, lr_default: float) -> list[dict[str, float]]:
-    """``trials`` settings of ``name``'s space: the registry default first, then log-uniform
-    draws from a generator seeded by the name (the same for every run of the race)."""
+def trial_settings(name: str, trials: int, lr_default: float
+                   ) -> list[dict[str, float | str]]:
+    """``trials`` settings of ``name``'s space: the registry default first, for natgrad's K-FAC
+    recipes then the same with natgrad.KFAC's shipped relative clip (``kl_clip="auto"``), then
+    log-uniform draws from a generator seeded by the name (the same for every run of the
+    race)."""
     space = SPACES[name]
     first = {"lr": lr_default}
     first.update({k: KFAC_DEFAULTS[k] for k in space if k in KFAC_DEFAULTS})
@@ -256,7 +259,9 @@ def trial_settings(name: str, trials: int, lr_default: float) -> list[dict[str, 
         first["adamw_lr"] = 3e-4
     rng = np.random.default_rng(sum(map(ord, name)))
     out = [first]
-    for _ in range(trials - 1):
+    if "kl_clip" in space and trials > 1:  # natgrad.KFAC's shipped clip, the relative one
+        out.append({**first, "kl_clip": "auto"})
+    while len(out) < trials:
         out.append({k: float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
                     for k, (lo, hi) in space.items()})
     return out
@@ -274,7 +279,8 @@ def _batches(n: int, batch: int, seed: int) -> Iterator[torch.Tensor]:
 class Runner:
     """One model and optimizer being trained, one step at a time."""
 
-    def __init__(self, task: Task, name: str, setting: Mapping[str, float], seed: int) -> None:
+    def __init__(self, task: Task, name: str, setting: Mapping[str, float | str],
+                 seed: int) -> None:
         self.task, self.name = task, name
         self.model = task.build(seed)
         kw = dict(setting)
@@ -318,14 +324,15 @@ def tune(task: Task, name: str, log: Callable[[str], None]) -> dict[str, Any]:
     return {"trials": rows, "picked": best["setting"]}
 
 
-def _fmt_setting(setting: Mapping[str, float]) -> str:
-    return ", ".join(f"{k} {v:.3g}" for k, v in setting.items())
+def _fmt_setting(setting: Mapping[str, float | str]) -> str:
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in setting.items())
 
 
 # --------------------------------------------------------------------------- the race
 
 
-def race_seed(task: Task, picked: Mapping[str, Mapping[str, float]], seed: int,
+def race_seed(task: Task, picked: Mapping[str, Mapping[str, float | str]], seed: int,
               clips: ClipRecorder) -> dict[str, dict[str, Any]]:
     """All optimizers from the same weights and batches, taking turns step by step; per
     optimizer its curve ``[(step, own s, validation loss)]``, final losses and clip steps."""

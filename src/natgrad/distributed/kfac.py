@@ -86,6 +86,10 @@ class SingleProcess:
         assert self.curvature is not None
         return self.curvature.solve(name, blocks, damping, norm2)
 
+    def agree(self, value: float) -> float:
+        """A float every rank must use alike (here: ``value`` itself)."""
+        return value
+
     def after_load(self, generator: torch.Generator | None = None) -> None:
         """Nothing to do."""
 
@@ -239,6 +243,15 @@ class DistributedKFAC(SingleProcess):
                         send_tensors=send_tensors, skip_statistics=skip, errors=errors)
 
     # ------------------------------------------------------------------ preconditioning
+    def agree(self, value: float) -> float:
+        """Rank 0's ``value`` on every rank (collective). The KL-clip's quadratic is summed from
+        each rank's local solves, which can differ in the last bit; the clip factor, and the
+        relative clip's running mean, must not."""
+        t = torch.tensor([value], dtype=torch.float64)
+        with collective("broadcast (KL-clip quadratic)", self.group):
+            dist.broadcast(t, src=global_rank(0, self.group), group=self.group)
+        return float(t.item())
+
     def solve(self, name: str, blocks: list[Tensor], damping: float,
               norm2: Tensor | None = None) -> Direction:
         """Local solve (``"inverse"``), or the owner's solve broadcast to all (``"gradient"``)."""

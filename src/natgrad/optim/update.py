@@ -60,7 +60,9 @@ def kl_scale(opt: KFAC, new: dict[str, Direction], hp: dict[str, Any],
     whether the clip bound are counted in ``opt.clip_record``."""
     if not new:
         return 1.0
-    vg = float(sum(hp["groups"][layer_group[n]]["lr"] ** 2 * D.inner for n, D in new.items()))
+    vg = float(sum(hp["groups"][layer_group[n]]["lr"] ** 2 * new[n].inner
+                   for n in opt.layers if n in new))
+    vg = opt.distributed.agree(vg)  # the same ν (and clip state) on every rank
     kappa = hp["kl_clip"]
     if isinstance(kappa, RelativeClip):
         scale = kappa.scale(vg)
