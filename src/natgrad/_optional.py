@@ -11,7 +11,7 @@ import importlib
 from types import ModuleType
 
 #: importable module → the extra of ``natgrad`` that installs it
-EXTRAS = {"matplotlib": "plots", "scipy": "scipy", "tqdm": "progress"}
+EXTRAS = {"matplotlib": "plots", "scipy": "scipy", "tqdm": "progress", "laplace": "laplace"}
 
 
 class MissingExtraError(ImportError):
