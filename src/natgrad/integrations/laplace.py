@@ -71,7 +71,10 @@ class NatgradInterface(_curvature.CurvatureInterface):
     Args:
         model, likelihood, dict_key_x, dict_key_y: as laplace-torch passes them.
         last_layer, subnetwork_indices: must be off (``ValueError`` otherwise).
-        strategy: natgrad factor strategy of :meth:`kron` (``"eigh"``, ``"projected"``, ...).
+        strategy: natgrad factor strategy of :meth:`kron`. The default, ``"cholesky"``, keeps the
+            dense factors and decomposes nothing when they are built (laplace-torch
+            eigendecomposes them itself); ``"projected"`` gives the compressed factors, whose
+            dense form is handed over.
         factor_options: its options (e.g. ``{"rank": 32}`` for ``projected``).
         low_rank: eigenpairs kept by :meth:`eig_lowrank`.
         chunk_size: samples per forward pass of the operators.
@@ -82,7 +85,7 @@ class NatgradInterface(_curvature.CurvatureInterface):
     def __init__(self, model: nn.Module, likelihood: Any, last_layer: bool = False,
                  subnetwork_indices: torch.LongTensor | None = None,
                  dict_key_x: str = "input_ids", dict_key_y: str = "labels",
-                 strategy: str = "eigh", factor_options: Any = None, low_rank: int = 10,
+                 strategy: str = "cholesky", factor_options: Any = None, low_rank: int = 10,
                  chunk_size: int = 256, mc_samples: int = 1, seed: int = 0) -> None:
         if last_layer or subnetwork_indices is not None:
             raise ValueError("natgrad's laplace backend covers all trainable parameters: "
@@ -147,7 +150,8 @@ class NatgradInterface(_curvature.CurvatureInterface):
 
     def eig_lowrank(self, data_loader: Any) -> tuple[Tensor, Tensor, Tensor]:
         """``(U (P, k), λ (k,), loss)``: the top ``low_rank`` eigenpairs of ``N`` times the K-FAC
-        operator of the whole loader (eigenvalues above ``EPS``) and the summed loss."""
+        operator of the whole loader (eigenvalues above ``EPS``) and the summed loss. Pass
+        ``strategy="projected"`` for the closed form from rank-``r`` factors."""
         kfac = self._kfac(_LoaderData(data_loader, self))
         N = len(data_loader.dataset)
         pairs = kfac_top_eigenpairs(kfac, self.low_rank)
