@@ -13,8 +13,9 @@ log-likelihood of the batch (and the batch loss): :meth:`NatgradInterface.full` 
   for the bias: laplace-torch keeps one block per parameter, so the weight–bias cross terms are
   dropped, as by its other backends), Embedding (``[A, G]``, ``A`` diagonal) and normalization
   layers (their exact per-channel moments, one diagonal block per parameter). Per batch of ``M``
-  the factors are returned as ``[M · G, (M/N) · A]``, so that laplace-torch's factor-wise sum over
-  batches gives ``N · Ḡ ⊗ Ā``, the K-FAC of the summed loss;
+  the factors are returned as ``[M · G, (M/N) · A]`` (single blocks: ``M`` times the batch
+  mean), so that laplace-torch's factor-wise sum over batches gives ``N · Ḡ ⊗ Ā``, the K-FAC of
+  the summed loss;
 * ``eig_lowrank``: the top ``low_rank`` eigenpairs of the K-FAC operator of the whole loader in
   closed form from ``projected`` factors (:func:`natgrad.fisher.kron.kfac_top_eigenpairs`; Lanczos
   on the operator when no closed form exists), times ``N``: a low-rank Laplace for networks whose
@@ -110,41 +111,50 @@ class NatgradInterface(_curvature.CurvatureInterface):
         return 2.0 if (self.fisher == "empirical" and self.likelihood == "regression") else 1.0
 
     def _data(self, x: Any, y: Tensor) -> tuple[Any, Tensor]:
-        if isinstance(x, MutableMapping):
-            x = {self.dict_key_x: x[self.dict_key_x]}
+        if isinstance(x, MutableMapping):  # laplace-torch's models take the dict as one argument
+            x = (dict(x),)
         if self.likelihood == "regression" and y.ndim == 1:
             y = y[:, None]
         return x, y
 
-    def _options(self) -> dict[str, Any]:
-        return {"mc_samples": self.mc_samples, "seed": self.seed} if self.fisher == "mc" else {}
+    def _options(self, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The MC Fisher's options; laplace-torch may pass ``mc_samples`` per call. K-FAC's
+        ``kfac_approx`` is natgrad's ``"expand"`` (the "reduce" variant is not implemented)."""
+        kwargs = kwargs or {}
+        approx = kwargs.get("kfac_approx", "expand")
+        if approx != "expand":
+            raise ValueError(f"kfac_approx={approx!r}: natgrad's K-FAC is the 'expand' kind "
+                             "(Eschenhagen et al. 2023) only")
+        if self.fisher != "mc":
+            return {}
+        return {"mc_samples": int(kwargs.get("mc_samples", self.mc_samples)), "seed": self.seed}
 
-    def _operator(self, x: Any, y: Tensor) -> Any:
+    def _operator(self, x: Any, y: Tensor, kwargs: dict[str, Any] | None = None) -> Any:
         return FISHERS[self.fisher](self.model, self._data(x, y), self.loss_name,
                                     params=self.params, chunk_size=self.chunk_size,
-                                    **self._options())
+                                    **self._options(kwargs))
 
     def _loss(self, x: Any, y: Tensor) -> Tensor:
         with torch.no_grad():
-            f = self.model(x) if not isinstance(x, MutableMapping) else self.model(x)
+            f = self.model(x)
             return (self.factor * self.lossfunc(f, y)).detach()
 
     # ------------------------------------------------------------------ laplace-torch's API
     def full(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """``(loss, H)``: ``H = Σ_n`` (the Fisher of sample ``n``), ``(P, P)``."""
-        op = self._operator(x, y)
+        op = self._operator(x, y, kwargs)
         H = op.gram(max_dim=op.dim) * (op.num_samples * self._ef_scale)
         return self._loss(x, y), H
 
     def diag(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """``(loss, diag H)``, ``(P,)``, exact."""
-        op = self._operator(x, y)
+        op = self._operator(x, y, kwargs)
         return self._loss(x, y), op.diagonal() * (op.num_samples * self._ef_scale)
 
     def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Any]:
         """``(loss, Kron)`` from natgrad's K-FAC factors of the batch, scaled for a sum over
         ``N`` samples (module docstring)."""
-        kfac = self._kfac(self._data(x, y))
+        kfac = self._kfac(self._data(x, y), kwargs)
         M = kfac_samples(x, self.dict_key_x)
         return self._loss(x, y), kron_blocks(kfac, self.params, M * self._ef_scale, M / N)
 
@@ -165,11 +175,11 @@ class NatgradInterface(_curvature.CurvatureInterface):
                    for x, y in data_loader)
         return vectors[:, keep], values[keep], loss
 
-    def _kfac(self, data: Any) -> KFACOperator:
+    def _kfac(self, data: Any, kwargs: dict[str, Any] | None = None) -> KFACOperator:
         return KFACOperator.from_data(self.model, data, self.loss_name, self.fisher,
                                       strategy=self.strategy,
                                       factor_options=self.factor_options,
-                                      chunk_size=self.chunk_size, **self._options())
+                                      chunk_size=self.chunk_size, **self._options(kwargs))
 
 
 class NatgradGGN(NatgradInterface, _curvature.GGNInterface):
@@ -223,7 +233,7 @@ def kron_blocks(kfac: KFACOperator, params: list[nn.Parameter], g_scale: float,
         if isinstance(block, KroneckerBlock):
             entries.update(_kronecker_entries(helper, block, g_scale, a_scale))
         elif isinstance(block, ScaleShiftBlock):
-            M = block.factors[0].M * g_scale * a_scale  # (C, 2, 2)
+            M = block.factors[0].M * g_scale  # (C, 2, 2): per-sample moments, no input side
             for p, moment in zip(helper.params, (M[:, 0, 0], M[:, 1, 1])):
                 entries[id(p)] = [torch.diag(moment)]
         else:
@@ -258,5 +268,5 @@ def _kronecker_entries(helper: Any, block: KroneckerBlock, g_scale: float,
         raise ValueError(f"cannot lay out the Kronecker block of {type(helper.module).__name__}"
                          " for laplace-torch")
     if bias is not None:
-        out[id(bias)] = [G * A[-1, -1]]
+        out[id(bias)] = [G * float(block.A.to_dense()[-1, -1])]  # only the weight's A is rescaled
     return out
