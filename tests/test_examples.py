@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 #: every example and the tests below that run it
 COVERED = {"train_kfac.py", "precondition_adamw.py", "analyse_checkpoint.py",
-           "distributed_train.py"}
+           "distributed_train.py", "laplace_calibration.py"}
 
 
 def run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -117,3 +117,11 @@ def test_distributed_train_two_processes(tmp_path):
     assert done.stdout.count("test accuracy") == 1  # only rank 0 prints
     assert number(r"between ranks: ([\d.e+-]+)", done.stdout) < 1e-5
     assert "state" in torch.load(tmp_path / "opt.pt", weights_only=False)
+
+
+def test_laplace_calibration():
+    pytest.importorskip("laplace", reason="laplace-torch is an optional extra")
+    done = run("examples/laplace_calibration.py", "--smoke", timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "picked" in done.stdout and "natgrad backend" in done.stdout
+    assert 0.0 <= number(r"ECE ([\d.]+)\n", done.stdout) <= 1.0

@@ -14,7 +14,7 @@ from types import ModuleType
 
 #: importable module → the extra of ``natgrad`` that installs it
 EXTRAS = {"matplotlib": "plots", "scipy": "scipy", "tqdm": "progress", "transformers": "zoo",
-          "pytorch_optimizer": "peers"}
+          "pytorch_optimizer": "peers", "laplace": "laplace"}
 
 
 class MissingExtraError(ImportError):

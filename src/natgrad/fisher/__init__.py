@@ -6,7 +6,12 @@ lists, ``+``, scalar ``*``, ``to_scipy()``, ``block(name)``):
 * :class:`ExactFisher` — type-2 Fisher / GGN, mean over samples;
 * :class:`MCFisher` — Monte-Carlo Fisher with sampled labels;
 * :class:`EmpiricalFisher` — data-label gradient outer products (not a Fisher in general);
-* :class:`KFACOperator` — block-diagonal ``A ⊗ G`` from the optimizer's factor strategies.
+* :class:`KFACOperator` — block-diagonal ``A ⊗ G`` from the optimizer's factor strategies;
+* :class:`EKFACOperator` — K-FAC's eigenbasis with the exact Fisher diagonal in it (EK-FAC).
+
+Damped inverses ``(M + λI)⁻¹`` are operators too (:mod:`natgrad.fisher.inverse`):
+:class:`KFACInverse` and :meth:`EKFACOperator.inverse` in closed form, :class:`CGInverse` by
+conjugate gradients on any operator, :func:`damped_inverse` picks one.
 
 Estimators are free functions accepting any operator; they return frozen dataclasses
 (:mod:`natgrad.fisher.results`). Dense ``torch.func`` references live in
@@ -15,7 +20,9 @@ Estimators are free functions accepting any operator; they return frozen datacla
 
 from .base import IdentityOperator, LinearOperator, RestrictedOperator
 from .diagonal import exact_diagonal, hutchinson_diagonal
+from .ekfac import EKFACInverse, EKFACOperator
 from .ggn import EmpiricalFisher, ExactFisher, GGNOperator, MCFisher
+from .inverse import CGInfo, CGInverse, KFACInverse, damped_inverse
 from .kfac import KFACOperator
 from .kron import (
     kfac_logdet,
@@ -40,6 +47,7 @@ from .trace import exact_trace, hutchinson_trace, hutchpp_trace
 FisherOperator = LinearOperator
 
 __all__ = [
+    "CGInfo", "CGInverse", "EKFACInverse", "EKFACOperator", "KFACInverse", "damped_inverse",
     "DiagonalEstimate", "Eigenpairs", "EmpiricalFisher", "Estimate", "ExactFisher",
     "FisherOperator", "GGNOperator", "IdentityOperator", "KFACOperator", "LinearOperator",
     "MCFisher", "Quadrature", "RestrictedOperator", "SpectralDensity", "block_products",
