@@ -2,9 +2,10 @@
 
 matplotlib (figures), scipy (:meth:`natgrad.fisher.LinearOperator.to_scipy`), tqdm (progress
 bars), transformers (the tiny Hugging Face models of :mod:`natgrad.models.zoo`) and
-pytorch-optimizer (SOAP, Shampoo and PSGD-Kron for the optimizer race) serve one feature each, so
-they are extras of the package (``pip install 'natgrad[plots]'``, ``[scipy]``, ``[progress]``,
-``[all]`` for these three, ``[zoo]`` and ``[peers]``) rather than hard dependencies.
+pytorch-optimizer (SOAP, Shampoo and PSGD-Kron for the optimizer race) and laplace-torch
+(:mod:`natgrad.integrations.laplace`) serve one feature each, so they are extras of the package
+(``pip install 'natgrad[plots]'``, ``[scipy]``, ``[progress]``, ``[all]`` for these three,
+``[zoo]``, ``[peers]`` and ``[laplace]``) rather than hard dependencies.
 """
 
 from __future__ import annotations
