@@ -80,27 +80,33 @@ def _three_term(op: LinearOperator, V0: Tensor, steps: int) -> tuple[Tensor, Ten
     dt = _basis_dtype(op)
     alpha = torch.zeros(b, steps, dtype=torch.float64)
     beta = torch.zeros(b, max(steps - 1, 0), dtype=torch.float64)
-    q = (V0 / V0.norm(dim=0, keepdim=True)).to(dt).T.contiguous()  # (b, P)
+    q = V0.T.to(dt).contiguous()  # (b, P)
+    q.div_(_row_norms(q)[:, None].to(dt))
     prev = None
     for j in range(steps):
         w = (op @ q.T.to(op.dtype)).T.to(dt)  # (b, P)
         if prev is not None:
             w -= beta[:, j - 1, None].to(dt) * prev
-        a = (w * q).sum(1)
-        alpha[:, j] = a.double()
-        w -= a[:, None] * q
+        a = torch.tensor([_dot(wi, qi) for wi, qi in zip(w, q)], dtype=torch.float64)
+        alpha[:, j] = a
+        w -= a[:, None].to(dt) * q
         if j == steps - 1:
             break
-        nrm = w.norm(dim=1)
+        nrm = _row_norms(w)
         scale = alpha[:, : j + 1].abs().max(1).values.clamp_min(1e-300)
-        dead = nrm.double() <= 1e-10 * scale
-        beta[:, j] = torch.where(dead, torch.zeros_like(scale), nrm.double())
+        dead = nrm <= 1e-10 * scale
+        beta[:, j] = torch.where(dead, torch.zeros_like(scale), nrm)
         if bool(dead.any()):  # a fresh random direction, decoupled by β = 0
             w[dead] = torch.randn(int(dead.sum()), P, dtype=dt, device=op.device)
-            nrm = w.norm(dim=1)
-        prev, q = q, w.div_(nrm[:, None])
+            nrm = _row_norms(w)
+        prev, q = q, w.div_(nrm[:, None].to(dt))
         del w
     return alpha, beta, None
+
+
+def _row_norms(W: Tensor) -> Tensor:
+    """``‖w_i‖`` of the rows of ``W (b, P)``, summed in float64 slice by slice."""
+    return torch.tensor([math.sqrt(_dot(w, w)) for w in W], dtype=torch.float64)
 
 
 def _reorthogonalize(Q: Tensor, w: Tensor) -> Tensor:
@@ -127,15 +133,17 @@ def _orthogonalize(Q: list[Tensor], w: Tensor) -> Tensor:
     P, blk = w.numel(), _basis_block(w.numel())
     h = torch.zeros(len(Q), dtype=torch.float64)
     for _ in range(2):
-        if blk == P:  # one slice: the products of an unblocked basis
+        if blk == P and w.dtype == torch.float64:  # one slice: an unblocked basis' products
             Qs = torch.stack(Q)
             c = Qs @ w
             w -= Qs.T @ c
-            h += c.double()
+            h += c
             continue
+        # the coefficients summed in float64 whatever the basis: with float32 sums over slices
+        # of 2^18 the top eigenvalues of a float32 operator came out ~1e-5 too large
         c = torch.zeros(len(Q), dtype=torch.float64)
         for a in range(0, P, blk):
-            c += (torch.stack([q[a:a + blk] for q in Q]) @ w[a:a + blk]).double()
+            c += torch.stack([q[a:a + blk] for q in Q]).double() @ w[a:a + blk].double()
         for a in range(0, P, blk):
             w[a:a + blk] -= torch.stack([q[a:a + blk] for q in Q]).T @ c.to(w.dtype)
         h += c
@@ -159,6 +167,12 @@ def _dot(u: Tensor, v: Tensor) -> float:
     blk = _basis_block(u.numel())
     return sum(float(torch.dot(u[a:a + blk].double(), v[a:a + blk].double()))
                for a in range(0, u.numel(), blk))
+
+
+def _norm(w: Tensor) -> float:
+    """``‖w‖``: torch's for float64, summed in float64 slice by slice for float32 (whose
+    float32 sum was 2e-5 off for 6·10⁵ entries)."""
+    return float(w.norm()) if w.dtype == torch.float64 else math.sqrt(_dot(w, w))
 
 
 def _residual(fv: Tensor, v: Tensor, theta: float) -> float:
@@ -234,7 +248,7 @@ def lanczos_topk(
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(P, generator=gen, dtype=torch.float64).to(device=op.device,
                                                                dtype=basis_dtype)
-    Q = [q.div_(q.norm())]
+    Q = [q.div_(_norm(q))]
     del q
     H = torch.zeros(first_len + 1, first_len + 1, dtype=torch.float64)
     alphas: list[float] = []
@@ -252,7 +266,9 @@ def lanczos_topk(
         if not restarted:  # a plain Lanczos run so far: its tridiagonal (α_j = q_jᵀ F q_j)
             alphas.append(alpha)
         m = j + 1
-        nrm = float(w.norm())
+        # norms and dot products summed in float64: torch's float32 norm of 6·10⁵ entries was
+        # 2e-5 off, and the top eigenvalues of a float32 basis by as much
+        nrm = _norm(w)
         scale = float(H.diagonal()[:m].abs().max())
         exhausted = nrm < 1e-12 * max(scale, 1e-300)
         full = m >= (cap if restarted else first_len)
