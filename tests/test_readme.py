@@ -23,8 +23,8 @@ def test_readme_set_up_has_exactly_two_commands():
     commands = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     assert [c.strip() for c in commands] == [
         "pip install torch==2.13.0 && pip install -e '.[plots,progress]' && natgrad compare",
-        "pip install torch==2.13.0 && pip install -c .ci/constraints.txt -e '.[dev]' && ruff check . "
-        "&& lint-imports && pytest",
+        "pip install torch==2.13.0 && pip install -c .ci/constraints.txt -e '.[dev]' "
+        "&& ruff check . && lint-imports && pytest",
     ]
 
 

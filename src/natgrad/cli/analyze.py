@@ -51,6 +51,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--cache-mb", type=int, default=1024, metavar="MB",
                    help="memory for the cached forward passes of the Fisher products (default "
                         "1024; chunks beyond it are recomputed, 0 disables the cache)")
+    p.add_argument("--memory-gb", type=float, default=None, metavar="GB",
+                   help="memory budget of the analysis in GiB (default: what the machine has "
+                        "free, MemAvailable); the stages are planned under it, the plan is "
+                        "printed, and a request that cannot fit fails at once with the plan")
     p.add_argument("--seed", type=int, default=0, help="initial weights and probes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -74,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
                             data_dir=args.data_dir, samples=args.samples, fisher=args.fisher,
                             top_k=args.top_k, density=args.density, probes=args.probes,
                             slq_steps=args.slq_steps, damping=args.damping, tol=args.tol,
-                            cache_mb=args.cache_mb, threads=args.threads, seed=args.seed,
+                            cache_mb=args.cache_mb, memory_gb=args.memory_gb,
+                            threads=args.threads, seed=args.seed,
                             out=args.out, **kw)
     except ValueError as exc:
         raise config_error(exc, AnalyzeConfig) from None

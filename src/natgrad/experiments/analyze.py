@@ -26,7 +26,7 @@ from ..report import format_table, optional_figures, write_json
 from .errors import ExperimentError
 
 #: the stages of :func:`natgrad.fisher.analysis.analyze`, in order (for progress bars)
-STAGES = ("trace", "top_k", "density", "kfac", "approximation", "layers")
+STAGES = ("trace", "kfac", "top_k", "density", "approximation", "layers")
 
 
 @dataclass
@@ -44,6 +44,9 @@ class AnalyzeConfig:
             :func:`~natgrad.fisher.analysis.analyze`.
         rank: rank of the projected K-FAC approximation (the strategy's default).
         cache_mb: memory for cached forward passes (0: no cache).
+        memory_gb: the memory budget of the analysis in GiB (``None``: what the machine has
+            free when it starts, :func:`natgrad.fisher.budget.available_bytes`); the stages are
+            planned under it and a request that cannot fit fails before any large allocation.
         threads: ``torch.set_num_threads``.
         seed: initial weights (fresh model) and probes.
         out: folder for ``report.json`` and the plots (``None``: write nothing).
@@ -64,6 +67,7 @@ class AnalyzeConfig:
     tol: float = 1e-3
     rank: int = ProjectedOptions.rank
     cache_mb: int = 1024
+    memory_gb: float | None = None
     threads: int | None = None
     seed: int = 0
     out: str | Path | None = None
@@ -77,6 +81,8 @@ class AnalyzeConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise ValueError(f"memory_gb must be positive, got {self.memory_gb}")
         if self.cache_mb < 0:
             raise ValueError(f"cache_mb must be non-negative, got {self.cache_mb}")
         if self.probes < 2 and self.density:
@@ -122,6 +128,7 @@ def run_analyze(cfg: AnalyzeConfig, say: Callable[[str], None] = print,
                 progress: Callable[[str], None] = lambda stage: None) -> dict[str, Any]:
     """Build, analyse, report; returns the report (``report.json``'s content)."""
     from ..fisher.analysis import analyze
+    from ..fisher.budget import GB, BudgetError, available_bytes
     from ..fisher.plots import plot_report
 
     if cfg.threads is not None:
@@ -137,10 +144,17 @@ def run_analyze(cfg: AnalyzeConfig, say: Callable[[str], None] = print,
     say(f"natgrad analyze: {name} ({num_params:,} parameters) on {n} {data_name} samples, "
         f"{cfg.fisher} Fisher, loss {spec.loss_kind}, {torch.get_num_threads()} threads")
     t0 = time.perf_counter()
-    report = analyze(model, (X, y), spec.loss_kind, fisher=cfg.fisher, top_k=cfg.top_k,
-                     density=cfg.density, probes=cfg.probes, slq_steps=cfg.slq_steps,
-                     damping=cfg.damping, tol=cfg.tol, projected_rank=cfg.rank, seed=cfg.seed,
-                     cache=cfg.cache_mb > 0, cache_bytes=cfg.cache_mb << 20, progress=progress)
+    budget = available_bytes() if cfg.memory_gb is None else int(cfg.memory_gb * GB)
+    try:
+        report = analyze(model, (X, y), spec.loss_kind, fisher=cfg.fisher, top_k=cfg.top_k,
+                         density=cfg.density, probes=cfg.probes, slq_steps=cfg.slq_steps,
+                         damping=cfg.damping, tol=cfg.tol, projected_rank=cfg.rank,
+                         seed=cfg.seed, cache=cfg.cache_mb > 0, cache_bytes=cfg.cache_mb << 20,
+                         progress=progress, memory_bytes=budget,
+                         on_plan=lambda plan: say(plan.text()))
+    except BudgetError as exc:
+        origin = "--memory-gb" if cfg.memory_gb is not None else "the memory free now"
+        raise ExperimentError(f"{exc}\n(budget from {origin})") from None
     wall = time.perf_counter() - t0
     report = {"model": name, "checkpoint": cfg.checkpoint, "dataset": data_name, **report,
               "wall_time_s": wall, "threads": torch.get_num_threads(),

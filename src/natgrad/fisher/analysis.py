@@ -1,9 +1,11 @@
 """The full analysis behind ``natgrad analyze``: one function from (model, data) to a report dict.
 
-Stages (each timed): exact diagonal → trace and per-layer traces; top-``k`` Lanczos; SLQ
-(density, ``log det(F + λI)``, effective dimension); per-layer top eigenpairs; K-FAC (and
-projected K-FAC when that strategy exists) built fresh from the same data: closed forms, relative
-errors on shared probes, overlap of top-``k`` eigenspaces, cross-layer coupling.
+Stages (each timed): exact diagonal → trace and per-layer traces; K-FAC (and projected K-FAC
+when that strategy exists) built fresh from the same data; top-``k`` Lanczos and the overlap of
+its eigenspace with the approximations'; SLQ (density, ``log det(F + λI)``, effective
+dimension); relative errors of the approximations on shared probes, whole and per layer, and the
+cross-layer coupling; per-layer top eigenpairs and closed forms. Under a memory budget
+(``memory_bytes``) the stages follow a plan (:mod:`natgrad.fisher.budget`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,6 +22,7 @@ from torch import Tensor, nn
 from ..curvature import discover
 from ..factors import ProjectedOptions
 from ._model import Data
+from .budget import AnalysisPlan, plan_analysis
 from .ggn import EmpiricalFisher, ExactFisher, GGNOperator, MCFisher
 from .kfac import KFACOperator, layer_statistics, layer_traces, rows_and_statistics
 from .kron import kfac_logdet, kfac_top_eigenpairs, kfac_top_eigenvalues, kfac_trace
@@ -76,6 +80,8 @@ def analyze(
     dense_block_max: int = 2048,
     progress: Callable[[str], None] = lambda stage: None,
     output_key: str | int | None = None,
+    memory_bytes: int | None = None,
+    on_plan: Callable[[AnalysisPlan], None] = lambda plan: None,
 ) -> dict[str, Any]:
     """Analyse the Fisher of ``model`` on ``data``; returns a JSON-ready dict (see the README).
 
@@ -96,6 +102,14 @@ def analyze(
     products for the approximation errors (``F V`` is their sum); per layer, blocks with at most
     ``dense_block_max`` parameters are formed densely from per-sample rows, larger ones get
     Lanczos on the block operator (only that layer differentiated).
+
+    ``memory_bytes``: a budget for everything that grows with the parameters
+    (:func:`natgrad.fisher.budget.plan_analysis`): the top-``k`` and per-layer Lanczos runs get
+    a bounded (thick-restart) basis, SLQ runs are streamed when their bases do not fit; the
+    plan is handed to ``on_plan`` before the first large allocation and reported as
+    ``memory_plan``; :class:`~natgrad.fisher.budget.BudgetError` when the request cannot fit.
+    ``None``: no plan (plain Lanczos with a basis of up to ``max(4k, 60, slq_steps)`` vectors,
+    SLQ bases capped by ``cache_bytes``).
     """
     timings: dict[str, float] = {}
     report: dict[str, Any] = {}
@@ -130,12 +144,26 @@ def analyze(
     # the same pass also sums the K-FAC statistics (same directions, same layer outputs)
     rows, kfac_stats = rows_and_statistics(op, max_bytes=cache_bytes) if cache else (None, None)
     report["products"] = rows_summary(rows, op.jacobian_mode, cache)
+    plan = None
+    if memory_bytes is not None:
+        item = torch.empty((), dtype=op.dtype).element_size()
+        model_bytes = sum(t.numel() * t.element_size()
+                          for t in (*model.parameters(), *model.buffers()))
+        held = rows.nbytes if rows is not None else (cache_bytes or 0) if cache else 0
+        plan = plan_analysis(op.dim, item, model_bytes + held, memory_bytes, top_k=top_k,
+                             probes=probes, slq_steps=slq_steps, density=density)
+        on_plan(plan)
+        report["memory_plan"] = plan.as_dict()
+    lanczos_kw: dict[str, Any] = {} if plan is None else {
+        "max_basis": plan.max_basis, "basis_dtype": plan.basis_dtype}
     if rows is not None:
         op = rows
-        diag = rows.diagonal().double()
-        layer_trace = {n: float(sum(diag[op.offsets[i]:op.offsets[i + 1]].sum()
+        diag = rows.diagonal()
+        layer_trace = {n: float(sum(diag[op.offsets[i]:op.offsets[i + 1]].double().sum()
                                     for i in groups[n])) for n in layers}
-        total_trace = float(diag.sum())
+        total_trace = sum(float(diag[a:a + (1 << 20)].double().sum())
+                          for a in range(0, op.dim, 1 << 20))
+        del diag
     else:
         # per layer from R backward passes to the layer outputs; the exact diagonal
         # (per-sample gradients) only for parameters outside every recognised layer
@@ -147,8 +175,19 @@ def analyze(
     report["trace"] = {"value": total_trace, "stderr": 0.0, "exact": True}
     done("trace")
 
+    stage("kfac")
+    kl, stats, n = kfac_stats or layer_statistics(model, data, loss, fisher, chunk_size,
+                                                  seed=seed, output_key=output_key)
+    if approximations is None:
+        approximations = {"kfac": ("eigh", None),
+                          "projected_kfac": ("projected", {"rank": projected_rank})}
+    approx_ops = {key: KFACOperator.from_statistics(model, kl, stats, n, strategy, options)
+                  for key, (strategy, options) in approximations.items()}
+    done("kfac")
+
     stage("top_k")
-    top = lanczos_topk(op, k=top_k, tol=tol, seed=seed, min_steps=slq_steps if density else 0)
+    min_steps = (slq_steps if density else 0) if plan is None else plan.min_steps
+    top = lanczos_topk(op, k=top_k, tol=tol, seed=seed, min_steps=min_steps, **lanczos_kw)
     report["top_eigenvalues"] = top.values.tolist()
     report["top_residuals"] = top.residuals.tolist()
     report["top_converged"] = top.converged
@@ -161,6 +200,17 @@ def analyze(
         "note": (f"rank(F) <= {rank_bound} < P, so lambda_min = 0" if lam_min == 0.0 else
                  "lambda_min = smallest Ritz value (upper bound): condition is a lower bound"),
     }
+    # the overlaps with the approximations' top eigenvectors now: the (P, k) vectors are not
+    # kept through the later stages
+    overlaps = {}
+    for key, K in approx_ops.items():
+        # eigenvectors vec(q_G q_Aᵀ) of the blocks in closed form; Lanczos when not available
+        pairs = kfac_top_eigenpairs(K, top_k)
+        kvectors = pairs[1] if pairs is not None else lanczos_topk(
+            K, k=top_k, tol=tol, seed=seed, **lanczos_kw).vectors
+        overlaps[key] = subspace_overlap(top.vectors, kvectors)
+        del kvectors, pairs
+    top = replace(top, vectors=top.vectors.new_empty(0, top.vectors.shape[1]))
     done("top_k")
 
     if density:
@@ -168,8 +218,10 @@ def analyze(
         # the top-k run started from a Gaussian vector: an unbiased SLQ probe when long enough
         reuse = top.alpha is not None and top.alpha.numel() >= min(slq_steps, op.dim)
         runs = [(top.alpha, top.beta)] if reuse else []
+        slq_kw: dict[str, Any] = {"max_basis_bytes": cache_bytes} if plan is None else {
+            "batch": plan.slq_batch, "reorthogonalize": plan.slq_reorthogonalize}
         quad = quadrature(op, probes=probes, steps=slq_steps, seed=seed + 1, runs=runs,
-                          max_basis_bytes=cache_bytes)
+                          **slq_kw)
         dens = spectral_density(quad=quad, num_points=400, log_grid=True)
         report["logdet"] = _est(slq_logdet(quad=quad, damping=damping))
         report["effective_dimension"] = _est(effective_dimension(quad=quad, z=damping))
@@ -182,35 +234,26 @@ def analyze(
     else:
         report["logdet"] = report["effective_dimension"] = None
 
-    stage("kfac")
-    kl, stats, n = kfac_stats or layer_statistics(model, data, loss, fisher, chunk_size,
-                                                  seed=seed, output_key=output_key)
-    if approximations is None:
-        approximations = {"kfac": ("eigh", None),
-                          "projected_kfac": ("projected", {"rank": projected_rank})}
-    approx_ops = {key: KFACOperator.from_statistics(model, kl, stats, n, strategy, options)
-                  for key, (strategy, options) in approximations.items()}
-    done("kfac")
-
     stage("approximation")
     names = list(layers)
     bp = block_products(op, [groups[n] for n in names], probes=probes, seed=seed + 2)
     report["coupling"] = _est(coupling_strength(bp))
     approx_report: dict[str, Any] = {}
     for key, K in approx_ops.items():
-        # eigenvectors vec(q_G q_Aᵀ) of the blocks in closed form; Lanczos when not available
-        pairs = kfac_top_eigenpairs(K, top_k)
-        kvectors = pairs[1] if pairs is not None else lanczos_topk(
-            K, k=top_k, tol=tol, seed=seed).vectors
         approx_report[key] = {
             "relative_error": _est(relative_error(op, K, V=bp.V, FV=bp.FV)),
             "top_eigenvalues_closed_form": kfac_top_eigenvalues(K, top_k).tolist(),
             "trace_closed_form": kfac_trace(K),
             "logdet_closed_form": kfac_logdet(K, damping),
-            "top_k_overlap": subspace_overlap(top.vectors, kvectors),
+            "top_k_overlap": overlaps[key],
             "uncovered_parameters": K.uncovered,
         }
     report["approximations"] = approx_report
+    # the per-layer errors from the same products, now: the probes and products are let go
+    # before the per-layer eigenpairs
+    block_errors = {(b, key): block_relative_error(op, bp, b, K)
+                    for b in range(len(names)) for key, K in approx_ops.items()}
+    del bp
     done("approximation")
 
     stage("layers")
@@ -223,7 +266,7 @@ def analyze(
         if blk.dim <= dense_block_max:
             values, residuals, method = _dense_top(blk, k)
         else:
-            lt = lanczos_topk(blk, k=k, tol=tol, seed=seed)
+            lt = lanczos_topk(blk, k=k, tol=tol, seed=seed, **lanczos_kw)
             values, residuals, method = lt.values, lt.residuals, f"lanczos ({lt.steps} products)"
             all_converged &= lt.converged
         blk_dim = blk.dim
@@ -234,7 +277,7 @@ def analyze(
                "top_eigenvalues": values.tolist(), "top_residuals": residuals.tolist(),
                "eigen_method": method}
         for key, K in approx_ops.items():
-            err = block_relative_error(op, bp, b, K)
+            err = block_errors[b, key]
             row[f"{key}_relative_error"] = err.value
             row[f"{key}_relative_error_stderr"] = err.stderr
             block = K.blocks[name]

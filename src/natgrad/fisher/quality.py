@@ -14,6 +14,21 @@ from .base import LinearOperator
 from .results import Estimate
 
 
+def _slices(n: int, rows: int = 1 << 18) -> list[slice]:
+    """Row slices of at most ``rows`` rows: float64 work on ``(P, k)`` tensors a slice at a time
+    (no float64 copy of a whole ``(P, k)`` tensor)."""
+    return [slice(a, a + rows) for a in range(0, n, rows)]
+
+
+def column_norms(X: Tensor, Y: Tensor | None = None) -> Tensor:
+    """``‖X − Y‖`` per column (``‖X‖`` without ``Y``), summed in float64 slice by slice."""
+    sq = torch.zeros(X.shape[1], dtype=torch.float64)
+    for sl in _slices(X.shape[0]):
+        D = X[sl].double() if Y is None else X[sl].double() - Y[sl].double()
+        sq += D.pow(2).sum(0).cpu()
+    return sq.sqrt()
+
+
 def _estimate(x: Tensor) -> Estimate:
     n = x.numel()
     se = float(x.std()) / math.sqrt(n) if n > 1 else math.inf
@@ -36,13 +51,14 @@ def relative_error(op: LinearOperator, approx: LinearOperator, probes: int = 10,
     V = gaussian_probes(op, probes, seed) if V is None else V
     FV = (op @ V) if FV is None else FV
     AV = (approx @ V.to(approx.dtype)).to(FV.dtype)
-    return _estimate(((FV - AV).double().norm(dim=0) / FV.double().norm(dim=0)).cpu())
+    return _estimate(column_norms(FV, AV) / column_norms(FV))
 
 
 def subspace_overlap(U: Tensor, W: Tensor) -> float:
     """``‖Uᵀ W‖_F² / k`` for orthonormal ``(P, k)`` bases: 1 = same subspace, ≈ k/P at random."""
     k = min(U.shape[1], W.shape[1])
-    return float((U.double().T @ W.double()).pow(2).sum() / k)
+    G = sum(U[sl].double().T @ W[sl].double() for sl in _slices(U.shape[0]))
+    return float(G.pow(2).sum() / k)
 
 
 @dataclass(frozen=True)
@@ -63,44 +79,46 @@ def block_products(op: LinearOperator, groups: Sequence[Sequence[int]], probes: 
     ``F V = Σ_ℓ F S_ℓ S_ℓᵀ V`` is assembled from the same products when the groups are disjoint
     (plus one column per probe for parameters outside every group), so the cost is
     ``L · probes`` products (``(L + 1) · probes`` with uncovered parameters).
+
+    Memory: the products are made one block at a time and summed as they come, so besides
+    ``V``, ``F V`` and ``D V`` (three ``(P, probes)`` tensors) one block's masked probes and
+    product are alive (``2 · probes`` vectors of ``P``), whatever the number of blocks.
     """
     V = gaussian_probes(op, probes, seed) if V is None else V.to(op.dtype)
-    probes = V.shape[1]
-    masks = []
-    for g in groups:
-        m = torch.zeros(op.dim, dtype=torch.bool, device=op.device)
-        for i in g:
-            m[op.offsets[i]:op.offsets[i + 1]] = True
-        masks.append(m)
-    count = torch.stack(masks).sum(0) if masks else torch.zeros(op.dim, dtype=torch.long)
-    disjoint = bool((count <= 1).all())
-    rest = count == 0
-    extra = [V * rest[:, None]] if disjoint and bool(rest.any()) else []
-    if not disjoint:
-        extra = [V]
-    out = op @ torch.cat([V * m[:, None] for m in masks] + extra, dim=1)
-    parts = out.split(probes, dim=1)
+    claimed = [i for g in groups for i in g]
+    disjoint = len(claimed) == len(set(claimed))
+    rest = [i for i in range(len(op.names)) if i not in set(claimed)]
     DV = torch.zeros_like(V)
-    for m, part in zip(masks, parts):
-        DV[m] = part[m]
-    FV = parts[-1] if not disjoint else sum(parts[1:], parts[0].clone())
+    FV = op @ V if not disjoint else torch.zeros_like(V)
+    for g in list(groups) + ([rest] if disjoint and rest else []):
+        m = _mask(op, g)
+        part = op @ (V * m[:, None])
+        if disjoint:
+            FV += part
+        if g is not rest:
+            DV[m] = part[m]
+        del part
     return BlockProducts(V, FV, DV, tuple(tuple(g) for g in groups))
+
+
+def _mask(op: LinearOperator, indices: Sequence[int]) -> Tensor:
+    """``(P,)`` bool: the flat positions of the parameters ``indices``."""
+    m = torch.zeros(op.dim, dtype=torch.bool, device=op.device)
+    for i in indices:
+        m[op.offsets[i]:op.offsets[i + 1]] = True
+    return m
 
 
 def coupling_strength(bp: BlockProducts) -> Estimate:
     """Fraction of ``‖F v‖²`` from the off-diagonal blocks: ``‖F v − D v‖² / ‖F v‖²``."""
-    num = (bp.FV - bp.DV).double().pow(2).sum(0)
-    return _estimate((num / bp.FV.double().pow(2).sum(0)).cpu())
+    return _estimate((column_norms(bp.FV, bp.DV) / column_norms(bp.FV)).pow(2))
 
 
 def block_relative_error(op: LinearOperator, bp: BlockProducts, block: int,
                          approx: LinearOperator) -> Estimate:
     """``‖(F_ℓℓ − F̃_ℓℓ) v_ℓ‖ / ‖F_ℓℓ v_ℓ‖`` for block ``block`` of ``bp`` (F̃ is applied to the
     masked probes, so any block-diagonal or full approximation works)."""
-    m = torch.zeros(op.dim, dtype=torch.bool, device=op.device)
-    for i in bp.groups[block]:
-        m[op.offsets[i]:op.offsets[i + 1]] = True
-    Vm = bp.V * m[:, None]
-    AV = (approx @ Vm.to(approx.dtype)).to(bp.DV.dtype)[m]
+    m = _mask(op, bp.groups[block])
+    AV = (approx @ (bp.V * m[:, None]).to(approx.dtype)).to(bp.DV.dtype)[m]
     F = bp.DV[m]
-    return _estimate(((F - AV).double().norm(dim=0) / F.double().norm(dim=0)).cpu())
+    return _estimate(column_norms(F, AV) / column_norms(F))

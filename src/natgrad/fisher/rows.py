@@ -276,7 +276,7 @@ class RowFisher(LinearOperator):
         out = torch.zeros_like(V)
         for b in self.blocks:
             out[b.cols] = b.apply_t(u)
-        return out / self.num_samples
+        return out.div_(self.num_samples)  # in place: no second (P, k) result
 
     def diagonal(self) -> Tensor:
         """The exact diagonal ``(P,)``."""

@@ -17,13 +17,22 @@ from .trace import rademacher
 
 def quadrature(op: LinearOperator, probes: int = 4, steps: int = 40, seed: int = 0,
                batch: int = 4, runs: Sequence[tuple[Tensor, Tensor]] = (),
-               max_basis_bytes: int | None = None) -> Quadrature:
+               max_basis_bytes: int | None = None, reorthogonalize: bool = True) -> Quadrature:
     """Nodes and weights of ``probes`` Lanczos runs of ``steps`` steps.
 
     Up to ``batch`` fresh runs go together (one multi-column product per step); each keeps its
     ``(steps, P)`` basis for the reorthogonalisation, so ``max_basis_bytes`` caps
     ``batch · steps · P`` (at least one run at a time): on a 20M-parameter network four runs of
     40 steps would hold 12.8 GB of bases.
+
+    ``reorthogonalize=False`` streams the runs: no basis is kept, three vectors of ``P`` per run
+    (the three-term recurrence, :func:`~natgrad.fisher.lanczos.tridiagonalize`), and
+    ``max_basis_bytes`` caps ``batch · 3 · P``. The nodes and weights keep their meaning — the
+    Gauss quadrature of each probe's spectral measure ``Σ_i (u_iᵀv)² δ(λ_i)`` — but once Ritz
+    values converge the recurrence repeats them ("ghost" nodes sharing the weight of one
+    eigenvalue), so the nodes are not the Ritz values of an orthonormal basis; ``tr f(F)``
+    and the density are as accurate to rounding (Greenbaum 1989; Chen, Trogdon & Ubaru 2021,
+    "Analysis of stochastic Lanczos quadrature for spectrum approximation").
 
     ``runs``: tridiagonals ``(alpha, beta)`` of Lanczos runs already made from isotropic random
     start vectors (Gaussian, e.g. :attr:`Eigenpairs.alpha` / ``beta`` of
@@ -36,11 +45,16 @@ def quadrature(op: LinearOperator, probes: int = 4, steps: int = 40, seed: int =
                     for a, b in list(runs)[:probes]]
     fresh = probes - len(tridiagonals)
     if max_basis_bytes is not None:
-        per_run = steps * op.dim * torch.empty((), dtype=op.dtype).element_size()
+        vectors = steps if reorthogonalize else 3
+        per_run = vectors * op.dim * torch.empty((), dtype=op.dtype).element_size()
         batch = max(1, min(batch, max_basis_bytes // max(per_run, 1)))
     for s in range(0, fresh, batch):
         V = rademacher(op.dim, min(batch, fresh - s), gen, op.dtype).to(op.device)
-        alpha, beta, _ = tridiagonalize(op, V, steps)
+        if reorthogonalize:
+            alpha, beta, _ = tridiagonalize(op, V, steps)
+        else:
+            alpha, beta, _ = tridiagonalize(op, V, steps, reorthogonalize=False)
+        del V
         tridiagonals.extend(zip(alpha, beta))
     nodes, weights = _gauss(tridiagonals)
     half = (steps + 1) // 2
