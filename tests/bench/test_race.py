@@ -24,7 +24,7 @@ from natgrad.cli.main import main
 def test_trials_start_at_the_default_and_stay_in_the_space():
     settings = trial_settings("pkfac", 5, 0.1)
     assert settings[0] == {"lr": 0.1, "kl_clip": 1e-3, "damping": 1e-2}
-    assert settings[1] == {"lr": 0.1, "kl_clip": "auto", "damping": 1e-2}  # natgrad.KFAC's clip
+    assert settings[1] == {"lr": 0.1, "kl_clip": "relative", "damping": 1e-2}
     assert settings == trial_settings("pkfac", 5, 0.1)  # the same budget on every run
     for s in settings[2:]:
         assert set(s) == {"lr", "kl_clip", "damping"}

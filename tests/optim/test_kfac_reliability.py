@@ -215,7 +215,8 @@ def test_float32_with_damping_1e_10_trains_with_the_damping_floor(factors):
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
-    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)
+            and "kl_clip" not in str(w.message)]  # the clip may bind at this damping, and say so
     assert len(said) == 1 and "damping 1e-10" in said[0] and "float32" in said[0], said
     assert opt.skipped_steps == 0
     assert all(v > 1e-10 for v in opt.curvature.damping_floors.values())

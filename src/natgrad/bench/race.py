@@ -249,7 +249,7 @@ class ClipRecorder:
 def trial_settings(name: str, trials: int, lr_default: float
                    ) -> list[dict[str, float | str]]:
     """``trials`` settings of ``name``'s space: the registry default first, for natgrad's K-FAC
-    recipes then the same with natgrad.KFAC's shipped relative clip (``kl_clip="auto"``), then
+    recipes then the same with the relative clip (``kl_clip="relative"``), then
     log-uniform draws from a generator seeded by the name (the same for every run of the
     race)."""
     space = SPACES[name]
@@ -259,8 +259,8 @@ def trial_settings(name: str, trials: int, lr_default: float
         first["adamw_lr"] = 3e-4
     rng = np.random.default_rng(sum(map(ord, name)))
     out = [first]
-    if "kl_clip" in space and trials > 1:  # natgrad.KFAC's shipped clip, the relative one
-        out.append({**first, "kl_clip": "auto"})
+    if "kl_clip" in space and trials > 1:  # the relative clip, which leaves the lr alive
+        out.append({**first, "kl_clip": "relative"})
     while len(out) < trials:
         out.append({k: float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
                     for k, (lo, hi) in space.items()})
@@ -319,12 +319,12 @@ def tune(task: Task, name: str, log: Callable[[str], None]) -> dict[str, Any]:
                                                           cfg.eval_samples)
         score = score if math.isfinite(score) else math.inf
         rows.append({"setting": setting, "validation_loss": score})
-        log(f"  tune {name} {_fmt_setting(setting)}: validation loss {score:.4g}")
+        log(f"  tune {name} {format_setting(setting)}: validation loss {score:.4g}")
     best = min(rows, key=lambda r: r["validation_loss"])
     return {"trials": rows, "picked": best["setting"]}
 
 
-def _fmt_setting(setting: Mapping[str, float | str]) -> str:
+def format_setting(setting: Mapping[str, float | str]) -> str:
     return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                      for k, v in setting.items())
 
@@ -433,7 +433,7 @@ def run_race(cfg: RaceConfig, out_dir: str | Path | None = None,
             tuning = {}
             for name in cfg.optimizers:
                 tuning[name] = tune(task, name, log)
-                log(f"{name}: picked {_fmt_setting(tuning[name]['picked'])}")
+                log(f"{name}: picked {format_setting(tuning[name]['picked'])}")
             picked = {n: t["picked"] for n, t in tuning.items()}
             seeds = {}
             for seed in cfg.seeds:
@@ -473,7 +473,7 @@ def format_race(doc: Mapping[str, Any]) -> str:
     rows = []
     for name, r in summ["optimizers"].items():
         clip = r["clip_bound_fraction"]
-        rows.append([name, _fmt_setting(doc["tuning"][name]["picked"]),
+        rows.append([name, format_setting(doc["tuning"][name]["picked"]),
                      f"{r['reached']}/{r['steps_to_target']['n']}",
                      cell(r["steps_to_target"]), cell(r["own_s_to_target"]),
                      cell(r["speedup_vs_adamw_time"]), cell(r["final_validation_loss"], digits=4),

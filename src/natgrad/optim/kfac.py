@@ -73,13 +73,20 @@ def _check_choices(precondition: Any, seed: Any, output_key: Any, loss_reduction
                          "torch.amp.GradScaler")
 
 
+#: the KL-clip κ of ``kl_clip="auto"`` without a graft. The relative clip (``"relative"``) keeps
+#: the lr alive on sequence models where this binds on every step, but it bounds no step's size:
+#: as the default it let the README's MNIST recipe, float32 with a tiny damping and the registry
+#: transformer diverge (docs/DESIGN.md, "Step size")
+DEFAULT_KL_CLIP = 1e-3
+
+
 def _check_graft(graft: GraftOptions | None, kl_clip: Any, momentum: Any,
                  preconditioner: Any) -> Any:
-    """The KL-clip to use: ``kl_clip="auto"`` is the relative clip, or ``None`` with grafting
-    (the graft decides the step length); ``ValueError`` for a clip, momentum or preconditioner
-    mode with grafting."""
+    """The KL-clip to use: ``kl_clip="auto"`` is the absolute clip κ = :data:`DEFAULT_KL_CLIP`
+    for the natural-gradient step, ``None`` with grafting (the graft decides the step length);
+    ``ValueError`` for a clip, momentum or preconditioner mode with grafting."""
     if graft is None:
-        return "relative" if isinstance(kl_clip, str) and kl_clip == "auto" else kl_clip
+        return DEFAULT_KL_CLIP if isinstance(kl_clip, str) and kl_clip == "auto" else kl_clip
     if not (kl_clip is None or (isinstance(kl_clip, str) and kl_clip == "auto")):
         raise ValueError(f"invalid kl_clip={kl_clip!r} with graft: the graft decides the step "
                          "length (expected 'auto' or None)")
@@ -129,11 +136,13 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: the KL-clip ``ν = min(1, sqrt(κ / η² gᵀF⁻¹g))``: κ (a number), ``None`` (off),
             ``"relative"`` or a :class:`~natgrad.optim.RelativeClip` (cut only steps whose
             ``η² gᵀF⁻¹g`` exceeds ``ratio`` times its running geometric mean), or ``"auto"``
-            (default): the relative clip, or ``None`` with ``graft`` (until now the default was
-            κ = 1e-3, which binds on every step of a sequence model, so the learning rate did
-            nothing; docs/DESIGN.md, "Step size"). How often the clip bound is counted in
-            :meth:`diagnostics` and the registration summary, and natgrad warns once when it
-            decided most of the first 50 steps (the learning rate then had no effect).
+            (default): κ = 1e-3, or ``None`` with ``graft``. κ = 1e-3 binds on every step of
+            a sequence model with a loss averaged over positions, so there the learning rate
+            does nothing (docs/DESIGN.md, "Step size"): use a smaller lr or ``"relative"``,
+            which bounds no step's size (the reason it is not the default). How often the clip
+            bound is counted in :meth:`diagnostics` and the registration summary, and natgrad
+            warns once when it decided most of the first 50 steps (the learning rate then had no
+            effect).
         factors: factor strategy name (see :data:`natgrad.factors.STRATEGIES`).
         factor_options: the strategy's options: its ``Options`` dataclass (e.g.
             :class:`~natgrad.factors.ProjectedOptions`) or a dict of them (e.g. ``{"rank": 16}``).

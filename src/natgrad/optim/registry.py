@@ -162,12 +162,6 @@ def make_optimizer(
     return spec.factory(model, params, lr, loss_kind, **kwargs)
 
 
-#: the absolute KL-clip the registry's K-FAC recipes were tuned and measured with (every K-FAC
-#: figure of docs/RESULTS.md); natgrad.KFAC's own default is the relative clip (``"auto"``,
-#: docs/DESIGN.md "Step size"), which ``natgrad race`` tunes against this one
-RECIPE_CLIP = {"kl_clip": 1e-3}
-
-
 def _kfac_strategy(strategy: str, **defaults: Any) -> Factory:
     """A factory for :class:`natgrad.KFAC` with the named factor strategy and default options."""
 
@@ -175,7 +169,7 @@ def _kfac_strategy(strategy: str, **defaults: Any) -> Factory:
                 **kw: Any) -> torch.optim.Optimizer:
         from .kfac import KFAC
 
-        kw = {"factors": strategy, **RECIPE_CLIP, **defaults, **kw}
+        kw = {"factors": strategy, **defaults, **kw}
         return KFAC(model, lr=lr, params=params, loss=loss_kind, **kw)
 
     return factory
@@ -196,7 +190,7 @@ def _preconditioned(strategy: str, inner: Factory, **defaults: Any) -> Factory:
 
         params = list(params)
         opt = inner(model, params, lr, loss_kind)
-        pre_kw = {"factors": strategy, **RECIPE_CLIP, **defaults, **kw}
+        pre_kw = {"factors": strategy, **defaults, **kw}
         pre = KFAC(model, lr=lr, params=params, loss=loss_kind, preconditioner=True, **pre_kw)
         return PreconditionedOptimizer(pre, opt)
 

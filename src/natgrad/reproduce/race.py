@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
+from ..bench.race import format_setting
 from .context import Context, available_optimizers
 from .format import figure, md_table, num
 
@@ -110,7 +111,7 @@ def race_md(doc: Mapping[str, Any]) -> str:
                else ""))
         rows = []
         for name, r in summ["optimizers"].items():
-            picked = ", ".join(f"{k} {v:.3g}" for k, v in res["tuning"][name]["picked"].items())
+            picked = format_setting(res["tuning"][name]["picked"])
             clip = r["clip_bound_fraction"]
             rows.append([name, picked, f"{r['reached']}/{r['steps_to_target']['n']}",
                          _cell(r["steps_to_target"]), _cell(r["own_s_to_target"]),
