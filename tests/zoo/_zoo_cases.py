@@ -52,10 +52,6 @@ def _fix(what: str, branch: str) -> str:
     return f"issue 24: {what}, fixed on branch {branch}"
 
 
-def _new(what: str) -> str:
-    return f"issue 24 (found by the zoo, on no branch yet): {what}"
-
-
 def _all(*reasons: str) -> str:
     return " AND ".join(reasons)
 
@@ -77,18 +73,11 @@ TIED = _fix("tied weights (wte / lm_head) count one use in exact_trace and the d
             "fisherfix")
 LOSS_INSIDE = _fix("loss computed inside the model (model(ids, labels=ids).loss): natgrad warns "
                    "and collects no curvature", "reliab")
-CACHED_INPLACE = _new("ExactFisher(cache=True) with in-place Hardswish: the cached linearised "
-                      "forward (torch.func.linearize) drifts with every reuse (1e-3 relative "
-                      "on the 2nd product)")
-PADDING = _new("nn.Embedding(padding_idx): forward-mode AD moves the padding row, reverse mode "
-               "does not, so F v is not J_rev^T H J_rev v (BERT with eager attention, "
-               "pad_token_id=0: 2e-5 relative)")
 
 CASES = [
     Case("mobilenet_like", 0.90, exact_layers=("classifier",),
          xfail={"coverage": DEPTHWISE, "blocks[data]": _all(BN_ACT, INPLACE),
-                "blocks[optimizer]": BN_ACT, "analyze": NORMS_ANALYZE,
-                "products[cached]": CACHED_INPLACE}),
+                "blocks[optimizer]": BN_ACT, "analyze": NORMS_ANALYZE}),
     Case("convnext_like", 0.95, plain=("gamma",), exact_layers=("head",),
          xfail={"train": LN2D, "coverage": DEPTHWISE, "blocks": LN2D,
                 "analyze": _all(LN2D, NORMS_ANALYZE)}),
