@@ -1,9 +1,9 @@
 """The one case table of the zoo tests (``tests/zoo``) and the helpers they share: preparing a
 model in float64, the dense ``torch.func`` Fisher, parameter indices, coverage.
 
-Each :class:`Case` names a model of :data:`natgrad.models.zoo.ZOO` and what is expected of it once
-issue 24 is fixed; ``xfail`` marks, per test, the cases that fail on today's main and the branch
-that fixes them (strict: they turn into failures when the fix is merged, and the mark goes).
+Each :class:`Case` names a model of :data:`natgrad.models.zoo.ZOO` and what is expected of it;
+``xfail`` marks, per test, the cases that fail today and why (strict: they turn into failures
+when the fix is merged, and the mark goes). Since issue 24's fixes are merged, none is marked.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Case:
         exact_layers: layers (besides the norm layers) whose K-FAC block is the exact Fisher
             block on one datum: linear layers applied at one position (the classifier heads).
         rtol: tolerance of the exact quantities against the dense reference.
-        xfail: test → reason, for the tests that fail on today's main.
+        xfail: test → reason, for the tests that fail today.
     """
 
     name: str
@@ -48,54 +48,17 @@ class Case:
         return ZOO[self.name]
 
 
-def _fix(what: str, branch: str) -> str:
-    return f"issue 24: {what}, fixed on branch {branch}"
-
-
-def _all(*reasons: str) -> str:
-    return " AND ".join(reasons)
-
-
-BN_ACT = _fix("BatchNormAct2d (a BatchNorm2d subclass computing act(BN(x))) gets BatchNorm's "
-              "block from the post-activation gradient", "layers")
-DEPTHWISE = _fix("grouped / depthwise Conv2d take the plain step", "layers")
-LN2D = _fix("channels-first LayerNorm2d (an nn.LayerNorm subclass) crashes in the capture "
-            "(normalized_shape read as the last dim)", "layers")
-CONV1D = _fix("transformers' Conv1D (GPT-2's projections) takes the plain step", "layers")
-RMSNORM = _fix("RMSNorm (LlamaRMSNorm) has no layer helper (plain step, no block)", "layers")
-NORMS_ANALYZE = _fix("analyze() fails ('RestrictedOperator' object has no attribute 'gram') on "
-                     "nets with two or more norm layers", "fisherfix")
-SDPA = _fix("F.scaled_dot_product_attention has no forward-mode AD (the operators' products "
-            "use jvp / linearize)", "fisherfix")
-INPLACE = _fix("KFACOperator.from_data takes the gradient edges after the forward: wrong norm "
-               "blocks with in-place ReLU / x += shortcut", "fisherfix")
-TIED = _fix("tied weights (wte / lm_head) count one use in exact_trace and the diagonal",
-            "fisherfix")
-LOSS_INSIDE = _fix("loss computed inside the model (model(ids, labels=ids).loss): natgrad warns "
-                   "and collects no curvature", "reliab")
-
 CASES = [
-    Case("mobilenet_like", 0.90, exact_layers=("classifier",),
-         xfail={"coverage": DEPTHWISE, "blocks[data]": _all(BN_ACT, INPLACE),
-                "blocks[optimizer]": BN_ACT, "analyze": NORMS_ANALYZE}),
-    Case("convnext_like", 0.95, plain=("gamma",), exact_layers=("head",),
-         xfail={"train": LN2D, "coverage": DEPTHWISE, "blocks": LN2D,
-                "analyze": _all(LN2D, NORMS_ANALYZE)}),
-    Case("vit_like", 0.90, plain=("cls_token", "pos_embed"), exact_layers=("head",),
-         xfail={"analyze": _all(NORMS_ANALYZE, SDPA), "products": SDPA}),
-    Case("resnet_inplace", 1.0, exact_layers=("fc",),
-         xfail={"analyze": NORMS_ANALYZE, "blocks[data]": INPLACE}),
-    Case("gpt2", 0.95,
-         xfail={"coverage": CONV1D, "trace": TIED, "products": SDPA,
-                "analyze": _all(NORMS_ANALYZE, SDPA, TIED), "loss_inside": LOSS_INSIDE}),
-    Case("bert", 1.0, exact_layers=("bert.pooler.dense", "classifier"),
-         xfail={"products": SDPA, "analyze": _all(NORMS_ANALYZE, SDPA)}),
+    Case("mobilenet_like", 0.90, exact_layers=("classifier",)),
+    Case("convnext_like", 0.95, plain=("gamma",), exact_layers=("head",)),
+    Case("vit_like", 0.90, plain=("cls_token", "pos_embed"), exact_layers=("head",)),
+    Case("resnet_inplace", 1.0, exact_layers=("fc",)),
+    Case("gpt2", 0.95),
+    Case("bert", 1.0, exact_layers=("bert.pooler.dense", "classifier")),
     # LlamaRMSNorm normalises in float32 whatever the model's dtype: the Jacobians carry float32
     # rounding (measured 1e-7 relative against the reference), so the exact quantities agree
     # to that
-    Case("llama", 0.95, rtol=1e-6,
-         xfail={"coverage": RMSNORM, "blocks": RMSNORM, "products": SDPA,
-                "analyze": _all(NORMS_ANALYZE, SDPA), "loss_inside": LOSS_INSIDE}),
+    Case("llama", 0.95, rtol=1e-6),
 ]
 
 
