@@ -119,6 +119,41 @@ class ReusedLM(nn.Module):
         return self.head(h)
 
 
+class InplaceActNet(nn.Module):
+    """Linear → ``Hardswish(inplace=True)`` → Linear, ``h += shortcut`` → Linear: in-place ops
+    that are not idempotent (a second application changes the values), as MobileNet's
+    activations."""
+
+    def __init__(self, width: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, width)
+        self.act = nn.Hardswish(inplace=True)
+        self.mid = nn.Linear(width, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.inp(x)
+        h = self.mid(self.act(self.inp(x)))
+        h += shortcut
+        return self.head(self.act(h))
+
+
+class PaddedLM(nn.Module):
+    """Token embedding with ``padding_idx=0`` → tanh → Linear → head: logits ``(B, T, V)``;
+    ``tied``: the head is the embedding (its padding row then has the head's derivative)."""
+
+    def __init__(self, tied: bool = False, vocab: int = 6, width: int = 3) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width, padding_idx=0)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        if tied:
+            self.head.weight = self.tok.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(torch.tanh(self.tok(ids)))))
+
+
 def _randomise_norms(model: nn.Module, gen: torch.Generator) -> nn.Module:
     """Non-trivial running statistics and affine parameters (a fresh BatchNorm is identity-like)."""
     for m in model.modules():
@@ -158,6 +193,30 @@ def make_reused(seed: int = 5):
     gen = torch.Generator().manual_seed(seed)
     model = ReusedLM().double().eval()
     ids = torch.randint(0, 6, (3, 4), generator=gen)
+    y = torch.randint(0, 6, (3, 4), generator=gen)
+    return model, ids, y
+
+
+def make_inplace_act(seed: int = 7):
+    """``(model, X, y)``: :class:`InplaceActNet`, float64, 5 samples of 3 features."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = InplaceActNet().double().eval()
+    X = 2 * torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    return model, X, y
+
+
+def make_padded(tied: bool = False, seed: int = 8):
+    """``(model, ids, y)``: :class:`PaddedLM`, float64, 3 sequences of 4 tokens, each with
+    the padding id 0."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = PaddedLM(tied).double().eval()
+    with torch.no_grad():  # a padding row that is not zero: its derivative would show
+        model.tok.weight[0] = torch.randn(model.tok.weight.shape[1], generator=gen)
+    ids = torch.randint(1, 6, (3, 4), generator=gen)
+    ids[:, -1] = 0
     y = torch.randint(0, 6, (3, 4), generator=gen)
     return model, ids, y
 
@@ -218,6 +277,9 @@ ZOO = {
     "transformer_tied": lambda: make_transformer(sdpa=False, tied=True),
     "transformer_untied": lambda: make_transformer(sdpa=False, tied=False),
     "reused": make_reused,
+    "inplace_act": make_inplace_act,
+    "padded": lambda: make_padded(tied=False),
+    "padded_tied": lambda: make_padded(tied=True),
     "gpt2": make_gpt2,
 }
 

@@ -6,7 +6,9 @@ dense float64 ``torch.func.jacrev`` references (:func:`conftest.dense_fisher`):
   the sum over its uses before squaring);
 * in-place operations (``ReLU(inplace=True)``, ``out += shortcut``) in the analysis' K-FAC capture;
 * ``F.scaled_dot_product_attention``, which has no forward-mode AD on CPU (the reverse-mode path),
-  including a transformers GPT-2 built from a tiny config.
+  including a transformers GPT-2 built from a tiny config;
+* in-place activations under the cached linearised forward, reused many times;
+* ``nn.Embedding(padding_idx=...)`` under forward-mode AD (its padding row gets no gradient).
 """
 
 from __future__ import annotations
@@ -183,3 +185,41 @@ def test_layer_traces_of_norm_and_tied_layers(zoo):
         idx = torch.cat([torch.arange(op.offsets[i], op.offsets[i + 1])
                          for i in op.block_indices(name)])
         close(value, torch.trace(F[idx][:, idx]))
+
+
+@pytest.mark.parametrize("columns", [1, 3])
+def test_cached_products_with_in_place_activations_do_not_drift(columns, zoo):
+    """``Hardswish(inplace=True)`` and ``h += shortcut``: every product from the cached
+    linearised forward (one column, or a ``(P, 3)`` block) is the dense Fisher's, however
+    often the cache is reused."""
+    model, x, y = zoo.build("inplace_act")
+    F = zoo.dense_fisher(model, x)
+    op = ExactFisher(model, (x, y), chunk_size=2, cache=True)
+    V = _probes(op.dim, columns)
+    for _ in range(4):
+        close(op @ V, F @ V)
+    assert op.jacobian_mode == "forward" and len(op._cache) == 3
+
+
+@pytest.mark.parametrize("case", ["padded", "padded_tied"])
+@pytest.mark.parametrize("cache", [False, True])
+def test_forward_mode_products_with_a_padding_row(case, cache, zoo):
+    """``nn.Embedding(padding_idx=0)`` on ids that contain it: the forward-mode products (plain
+    ``jvp`` or linearised) equal the dense Fisher, whose padding row and column are zero (no
+    gradient reaches the padding row) unless the weight is tied to the head, and equal the
+    reverse-mode path's products."""
+    model, x, y = zoo.build(case)
+    F = zoo.dense_fisher(model, x)
+    pad = torch.arange(model.tok.weight.shape[1])  # the padding row's entries, first in order
+    assert bool(F[pad].abs().max() == 0) == (case == "padded")
+    op = ExactFisher(model, (x, y), chunk_size=2, cache=cache)
+    V = _probes(op.dim, 2)
+    for _ in range(2):
+        close(op @ V, F @ V)
+        close(op @ V[:, 0], F @ V[:, 0])
+    assert op.jacobian_mode == "forward"
+    rev = ExactFisher(model, (x, y), chunk_size=2)
+    rev.jacobian_mode = "reverse"
+    close(rev @ V, F @ V)
+    E = EmpiricalFisher(model, (x, y), chunk_size=2)
+    close(E @ V, zoo.dense_fisher(model, x, "empirical", y) @ V)

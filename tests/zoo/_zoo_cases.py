@@ -1,9 +1,9 @@
 """The one case table of the zoo tests (``tests/zoo``) and the helpers they share: preparing a
 model in float64, the dense ``torch.func`` Fisher, parameter indices, coverage.
 
-Each :class:`Case` names a model of :data:`natgrad.models.zoo.ZOO` and what is expected of it once
-issue 24 is fixed; ``xfail`` marks, per test, the cases that are known to fail and why (strict: a
-fixed case turns into a failure until its mark goes).
+Each :class:`Case` names a model of :data:`natgrad.models.zoo.ZOO` and what is expected of it;
+``xfail`` marks, per test, the cases that fail today and why (strict: they turn into failures
+when the fix is merged, and the mark goes). Since issue 24's fixes are merged, none is marked.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Case:
         exact_layers: layers (besides the norm layers) whose K-FAC block is the exact Fisher
             block on one datum: linear layers applied at one position (the classifier heads).
         rtol: tolerance of the exact quantities against the dense reference.
-        xfail: test → reason, for the tests known to fail.
+        xfail: test → reason, for the tests that fail today.
     """
 
     name: str
@@ -48,20 +48,8 @@ class Case:
         return ZOO[self.name]
 
 
-def _new(what: str) -> str:
-    return f"issue 24 (found by the zoo, on no branch yet): {what}"
-
-
-CACHED_INPLACE = _new("ExactFisher(cache=True) with in-place Hardswish: the cached linearised "
-                      "forward (torch.func.linearize) drifts with every reuse (1e-3 relative "
-                      "on the 2nd product)")
-PADDING = _new("nn.Embedding(padding_idx): forward-mode AD moves the padding row, reverse mode "
-               "does not, so F v is not J_rev^T H J_rev v (BERT with eager attention, "
-               "pad_token_id=0: 2e-5 relative)")
-
 CASES = [
-    Case("mobilenet_like", 0.90, exact_layers=("classifier",),
-         xfail={"products[cached]": CACHED_INPLACE}),
+    Case("mobilenet_like", 0.90, exact_layers=("classifier",)),
     Case("convnext_like", 0.95, plain=("gamma",), exact_layers=("head",)),
     Case("vit_like", 0.90, plain=("cls_token", "pos_embed"), exact_layers=("head",)),
     Case("resnet_inplace", 1.0, exact_layers=("fc",)),

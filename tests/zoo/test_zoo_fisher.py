@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from _zoo_cases import (
     CASES,
-    PADDING,
     Case,
     batch,
     build,
@@ -61,7 +60,6 @@ def test_fisher_vector_products(case: Case, mode: str):
     close(op.flatten(op @ op.unflatten(V[:, 1])), F_ref @ V[:, 1], case.rtol)
 
 
-@pytest.mark.xfail(strict=True, reason=PADDING)
 def test_products_through_forward_mode_with_a_padding_row():
     """BERT with eager attention (the products take forward-mode AD) on ids that contain its
     padding token (``pad_token_id=0``): autograd gives the padding row no gradient, so the

@@ -54,6 +54,11 @@ shape ``(B, T)`` hold the class ids per position; every position counts for the 
 Monte-Carlo Fishers (no padding mask; the empirical one gets a zero gradient at an ignored target,
 ``-100``). ``mse`` and ``bce`` are elementwise: any output shape already reads as
 positions.
+
+**Padding embeddings.** The model runs with the padding row of every ``nn.Embedding`` with a
+``padding_idx`` held constant (:func:`natgrad.fisher._model.constant_padding_rows`): autograd's
+backward gives that row no gradient, and forward mode now agrees, so the Fisher's padding row
+and column are zero (a head tied to the embedding keeps its own use of the row).
 """
 
 from __future__ import annotations
@@ -65,13 +70,21 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, linearize, vjp, vmap
+from torch.func import functional_call, functionalize, jvp, linearize, vjp, vmap
 
 from ..curvature.data import batch_size, map_tensors, model_args, slice_batch, to_model
 from ..curvature.outputs import check_output_key, find_output
 from ..curvature.rows import output_directions
 from ..likelihoods import Likelihood, get_likelihood
-from ._model import Data, check_deterministic, count_samples, iter_chunks, select_params
+from ._model import (
+    Data,
+    check_deterministic,
+    constant_padding_rows,
+    count_samples,
+    iter_chunks,
+    padding_embeddings,
+    select_params,
+)
 from .base import LinearOperator
 from .layer_diagonal import ggn_diagonal
 from .pullback import ChunkPullback, layer_pullbacks
@@ -122,7 +135,8 @@ class GGNOperator(LinearOperator):
         max_columns: columns of a ``(P, k)`` product vmapped together (memory ∝ this × chunk);
             1 (a loop) is fastest on CPU for conv nets.
         cache: keep each chunk's forward pass between products: the ``vjp`` closure and the
-            linearised forward (``torch.func.linearize``: ``J v`` without recomputing the primal
+            linearised forward (``torch.func.linearize`` of the functionalized model, so in-place
+            ops cannot alter the cached activations: ``J v`` without recomputing the primal
             pass), ~2.5× faster products for memory ``O(N · activations)``.
         cache_bytes: budget for the cache (estimated from the size of the modules' outputs);
             chunks beyond it are recomputed in every product. ``None``: no limit.
@@ -170,6 +184,7 @@ class GGNOperator(LinearOperator):
         chosen = set(self._params)
         self._fixed = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
         self._fixed.update(dict(model.named_buffers()))
+        self._padding = padding_embeddings(model)
         self.output_key = check_output_key(output_key)
         x0, _ = next(iter_chunks(data, 1))
         with torch.no_grad():
@@ -196,8 +211,9 @@ class GGNOperator(LinearOperator):
     def _output(self, params: dict[str, Tensor], x: Any) -> Tensor:
         """The logits ``(m, ...)`` as the model returns them (found by ``output_key``)."""
         args, kwargs = model_args(x)
-        return find_output(functional_call(self.model, {**self._fixed, **params}, args, kwargs),
-                           self.output_key)
+        with constant_padding_rows(self._padding):  # forward mode as reverse mode reads them
+            out = functional_call(self.model, {**self._fixed, **params}, args, kwargs)
+        return find_output(out, self.output_key)
 
     def _f(self, params: dict[str, Tensor], x: Any) -> Tensor:
         """Outputs ``(m, C)`` (flattened per sample)."""
@@ -304,7 +320,10 @@ class GGNOperator(LinearOperator):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # fx const-folding chatter
-                    _, jvp_fn = linearize(lambda p: self._f(p, x), self._params)
+                    # functionalized: the traced graph holds the primal activations as
+                    # constants, and an in-place op on one (ReLU(inplace=True), x += y) would
+                    # mutate it on every call, so each reuse would drift
+                    _, jvp_fn = linearize(functionalize(lambda p: self._f(p, x)), self._params)
             except Exception:  # a model make_fx cannot trace: plain jvp below
                 self._linearize_ok = False
         if jvp_fn is None:
