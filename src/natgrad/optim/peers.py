@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._optional import require
+from .preconditioned import load_together
 
 #: Muon's published settings (K. Jordan, github.com/KellerJordan/Muon, README "Usage": hidden
 #: weights lr 0.02, weight decay 0.01; momentum 0.95 with Nesterov and 5 Newton–Schulz steps,
@@ -105,15 +106,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         if not isinstance(state_dict, dict) or set(state_dict) != {"muon", "adamw"}:
             raise ValueError("state_dict must hold 'muon' and 'adamw'")
-        before = self.muon.state_dict()
         try:
-            self.muon.load_state_dict(state_dict["muon"])
-            if self.adamw is not None:
-                try:
-                    self.adamw.load_state_dict(state_dict["adamw"])
-                except BaseException:
-                    self.muon.load_state_dict(before)  # a failed load changes nothing
-                    raise
+            load_together(self.muon, state_dict["muon"], self.adamw, state_dict["adamw"])
         finally:
             self._share()
 

@@ -26,6 +26,20 @@ import torch
 from .kfac import KFAC
 
 
+def load_together(first: Any, first_state: Any, second: Any, second_state: Any) -> None:
+    """Load two optimizers' states as one: when ``second`` refuses its state, ``first`` is put
+    back as it was (a load makes new tensors, so the saved ``state_dict`` stays intact), so a
+    failed load changes nothing. ``second`` may be ``None`` (nothing to load)."""
+    before = first.state_dict()
+    first.load_state_dict(first_state)
+    if second is None:
+        return
+    try:
+        second.load_state_dict(second_state)
+    except BaseException:
+        first.load_state_dict(before)
+        raise
+
 class PreconditionedOptimizer(torch.optim.Optimizer):
     """``preconditioner.step()`` then ``optimizer.step()`` as one ``torch.optim.Optimizer``.
 
@@ -99,14 +113,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         pre = state_dict["preconditioner"]
         if isinstance(pre, dict) and "natgrad" in pre:
             self.preconditioner._check_natgrad_state(pre["natgrad"])
-        before = self.optimizer.state_dict()  # a load makes new tensors: these stay intact
         try:
-            self.optimizer.load_state_dict(state_dict["optimizer"])
-            try:
-                self.preconditioner.load_state_dict(pre)
-            except BaseException:
-                self.optimizer.load_state_dict(before)  # a failed load changes nothing
-                raise
+            load_together(self.optimizer, state_dict["optimizer"], self.preconditioner, pre)
         finally:
             self._share()
 
