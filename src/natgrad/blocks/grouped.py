@@ -11,6 +11,11 @@ Fisher's cross-group blocks are left out, as between layers). Depthwise convolut
 The statistics arrive as rows ``(n, g·d_A)`` (group ``j``'s patch in columns ``[j·d_A, (j+1)·d_A)``)
 and ``(n, c_out)``, or as dense moments of them (the analysis, a distributed reduction): a group
 takes its columns of the rows, or its diagonal block of the moment.
+
+The per-step work is batched over groups: the statistics in one ``bmm``, the refresh through
+:meth:`~natgrad.factors.KroneckerFactor.refresh_batch` (one batched ``eigh`` for eigh factors),
+the solve as ``(g, ·, ·)`` products over the groups' stacked eigenbases when every ``G_j`` is full
+rank and the ``A_j`` have equal ranks (:class:`_Stacked`; otherwise a loop over groups).
 """
 
 from __future__ import annotations
