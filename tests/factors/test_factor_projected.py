@@ -238,7 +238,43 @@ def test_batched_update_equals_one_by_one(dtype, tol, monkeypatch):
             torch.testing.assert_close(fb.lam, fs.lam, rtol=tol, atol=tol)
             torch.testing.assert_close(fb.U @ fb.U.T, fs.U @ fs.U.T, rtol=tol, atol=tol)
             assert fb.sigma == pytest.approx(fs.sigma, rel=tol, abs=tol)
-    assert taken and all(taken)  # the batched path ran (once the ranks were filled)
+    assert taken and not any(taken)  # the batched path ran (once the ranks were filled)
+
+
+def test_batched_update_leaves_only_dependent_sketches_to_the_single_path(monkeypatch):
+    """One factor whose rows span fewer directions than its rank plus sketch (a depthwise
+    convolution's patches on a small feature map): its nearly dependent sketch takes the single
+    path, the others stay batched; the result equals updating them one by one."""
+    from natgrad.factors import update_factors
+
+    gen = torch.Generator().manual_seed(9)
+    dims, r, n = (40, 57, 33, 45), 6, 20
+    basis = torch.randn(8, 45, generator=gen, dtype=f64)  # factor 3 sees an 8-dim subspace
+
+    def make():
+        return [ProjectedFactor(d, rank=r, seed=i, dtype=f64) for i, d in enumerate(dims)]
+
+    batched, single = make(), make()
+    left: list = []
+    group_update = ProjectedFactor._update_group
+
+    def spy(group, decay):
+        out = group_update(group, decay)
+        left.append([dims.index(item.factor.dim) for item in out])
+        return out
+
+    monkeypatch.setattr(ProjectedFactor, "_update_group", staticmethod(spy))
+    for _ in range(6):
+        rows = [torch.randn(n, d, generator=gen, dtype=f64) for d in dims[:3]]
+        rows.append(torch.randn(n, 8, generator=gen, dtype=f64) @ basis)
+        update_factors([(f, x, 1 / n) for f, x in zip(batched, rows)], 0.9)
+        for f, x in zip(single, rows):
+            f.update(x, 1 / n, 0.9)
+    for fb, fs in zip(batched, single):
+        assert fb.updates == fs.updates
+        torch.testing.assert_close(fb.lam, fs.lam, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fb.U @ fb.U.T, fs.U @ fs.U.T, rtol=1e-10, atol=1e-10)
+    assert [3] in left  # only the dependent one left the batch
 
 
 def test_given_squared_norm_equals_computed():

@@ -11,9 +11,16 @@ Fisher's cross-group blocks are left out, as between layers). Depthwise convolut
 The statistics arrive as rows ``(n, g·d_A)`` (group ``j``'s patch in columns ``[j·d_A, (j+1)·d_A)``)
 and ``(n, c_out)``, or as dense moments of them (the analysis, a distributed reduction): a group
 takes its columns of the rows, or its diagonal block of the moment.
+
+The per-step work is batched over groups: the statistics in one ``bmm``, the refresh through
+:meth:`~natgrad.factors.KroneckerFactor.refresh_batch` (one batched ``eigh`` for eigh factors),
+the solve as ``(g, ·, ·)`` products over the groups' stacked eigenbases when every ``G_j`` is full
+rank and the ``A_j`` have equal ranks (:class:`_Stacked`; otherwise a loop over groups).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,10 +32,54 @@ from ..factors import (
     kronecker_matvec,
     refresh_pair,
     solve,
+    split_damping,
 )
 from .base import CurvatureBlock, LayerStatistics
 from .closed_forms import kron_logdet, kron_top_eigenvalues, kron_trace
 from .kronecker import _diag, _label
+
+
+@dataclass
+class _Stacked:
+    """Every group's ``A_j ≈ U_A diag(μ_A) U_Aᵀ + σ_A (I − U_A U_Aᵀ)`` and full-rank
+    ``G_j = Q_G diag(μ_G) Q_Gᵀ`` stacked over groups (equal ranks), for one batched solve.
+
+    With ``V_j`` ``(d_G, d_A)``, ``X = Q_Gᵀ V_j``, ``C = 1/(μ_G μ_Aᵀ + λ)`` and ``D₂ = 1/(μ_G σ_A
+    + λ)`` (a column), group ``j``'s exact ``(A_j ⊗ G_j + λ I)⁻¹ vec(V_j)`` is ``Q_G [(X U_A ∘ C)
+    U_Aᵀ]`` when ``U_A`` is square, else ``Q_G [D₂ ∘ X + (X U_A ∘ (C − D₂)) U_Aᵀ]`` — the formulas
+    of :func:`natgrad.factors.solve` for a full ``G``, as ``(g, ·, ·)`` batched products.
+
+    Attributes:
+        key, sigma_a: what the stack was built from (tensor identities, ``σ_A`` values).
+        Ua, UaT: ``(g, d_A, r_A)`` and its transpose; mu_a ``(g, r_A)``; sig_a ``(g,)``.
+        Qg: ``(g, d_G, d_G)``; mu_g ``(g, d_G)``.
+        full_a: ``r_A = d_A``.
+    """
+
+    key: list[Tensor]
+    sigma_a: list[float]
+    Ua: Tensor
+    UaT: Tensor
+    mu_a: Tensor
+    sig_a: Tensor
+    Qg: Tensor
+    mu_g: Tensor
+    full_a: bool
+
+    def solve(self, blocks: list[Tensor], damping: float) -> Tensor:
+        """The dense ``(g·d_G, d_A)`` direction for the gradient's column blocks."""
+        g, d_g = self.mu_g.shape
+        V = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+        X = torch.bmm(self.Qg.mT, V.reshape(g, d_g, V.shape[1]))  # (g, d_G, d_A)
+        if self.full_a:
+            C = (self.mu_g.unsqueeze(2) * self.mu_a.unsqueeze(1)).add_(damping).reciprocal_()
+            R = torch.bmm(torch.bmm(X, self.Ua).mul_(C), self.UaT)
+        else:
+            ext = torch.cat([self.mu_a, self.sig_a.unsqueeze(1)], dim=1)  # (g, r_A + 1)
+            T = (self.mu_g.unsqueeze(2) * ext.unsqueeze(1)).add_(damping).reciprocal_()
+            d2 = T[:, :, -1:]
+            R = torch.baddbmm(d2 * X, torch.bmm(X, self.Ua).mul_(T[:, :, :-1] - d2), self.UaT)
+        return torch.bmm(self.Qg, R).reshape(V.shape)
 
 
 class GroupedKroneckerBlock(CurvatureBlock):
@@ -45,6 +96,7 @@ class GroupedKroneckerBlock(CurvatureBlock):
         self.A, self.G = list(A), list(G)
         self.groups = len(A)
         self.factors = (*self.A, *self.G)
+        self._stack_cache: _Stacked | None = None
 
     def _sides(self, rows: Tensor, moment: bool, width: int, j: int) -> Tensor:
         s = slice(j * width, (j + 1) * width)
@@ -77,8 +129,40 @@ class GroupedKroneckerBlock(CurvatureBlock):
     def refresh(self, damping: float) -> None:
         if any(f.updates == 0 for f in self.factors):
             return
-        for A, G in zip(self.A, self.G):
-            refresh_pair(A, G, damping)
+        if any(type(f) is not type(fs[0]) for fs in (self.A, self.G) for f in fs):
+            for A, G in zip(self.A, self.G):
+                refresh_pair(A, G, damping)
+            return
+        # every group's π-split, then each side in one batched call (e.g. one eigh of (g, d, d))
+        split = [split_damping(A, G, damping) for A, G in zip(self.A, self.G)]
+        type(self.A[0]).refresh_batch(self.A, [da for da, _ in split])
+        type(self.G[0]).refresh_batch(self.G, [dg for _, dg in split])
+
+    def _stacked(self) -> _Stacked | None:
+        """The groups' spectral representations stacked for the batched solve, or ``None`` when
+        they do not stack (see :class:`_Stacked`); rebuilt only when a factor's changes."""
+        if not all(f.spectral and not f.diagonal for f in self.factors):
+            return None
+        eig = [(A.eigen(), G.eigen()) for A, G in zip(self.A, self.G)]
+        key = [t for ea, eg in eig for t in (ea[0], ea[1], eg[0], eg[1])]
+        sig = [float(ea[2]) for ea, _ in eig]
+        hit = self._stack_cache
+        if hit is not None and hit.sigma_a == sig and len(hit.key) == len(key) and all(
+                x is y for x, y in zip(hit.key, key)):
+            return hit
+        Ua0, Ug0 = eig[0][0][0], eig[0][1][0]
+        if any(ea[0].shape != Ua0.shape or eg[0].shape != Ug0.shape or eg[0].shape[1] != G.dim
+               for (ea, eg), G in zip(eig, self.G)):
+            self._stack_cache = None  # unequal ranks or a low-rank G: the per-group loop
+            return None
+        Ua = torch.stack([ea[0] for ea, _ in eig])
+        self._stack_cache = _Stacked(
+            key, sig, Ua, Ua.mT.contiguous(),
+            torch.stack([ea[1] for ea, _ in eig]),
+            torch.tensor(sig, dtype=Ua.dtype, device=Ua.device),
+            torch.stack([eg[0] for _, eg in eig]), torch.stack([eg[1] for _, eg in eig]),
+            full_a=Ua0.shape[1] == self.A[0].dim)
+        return self._stack_cache
 
     def _rows(self, j: int) -> slice:
         d = self.G[j].dim
@@ -86,6 +170,9 @@ class GroupedKroneckerBlock(CurvatureBlock):
 
     def solve(self, blocks: list[Tensor], damping: float,
               norm2: Tensor | None = None) -> Direction:
+        st = self._stacked()
+        if st is not None:
+            return Direction.from_dense(blocks, st.solve(blocks, damping))
         parts = [solve([b[self._rows(j)] for b in blocks], self.A[j], self.G[j], damping).dense()
                  for j in range(self.groups)]
         return Direction.from_dense(blocks, torch.cat(parts, dim=0))

@@ -172,6 +172,14 @@ class KroneckerFactor(ABC):
         :meth:`eigen` reflect the current ``F``). On failure raise :class:`FactorRefreshError`
         and keep the previous state; set :attr:`refreshed` once usable."""
 
+    @classmethod
+    def refresh_batch(cls, factors: list[KroneckerFactor], dampings: list[float]) -> None:
+        """:meth:`refresh` for several factors (e.g. the groups of a grouped convolution), in
+        order, stopping at the first :class:`FactorRefreshError`; a strategy may override it to
+        decompose equal-sized factors in one batched call with the same result."""
+        for f, damping in zip(factors, dampings, strict=True):
+            f.refresh(damping)
+
     @abstractmethod
     def inv_matmul(self, v: Tensor) -> Tensor:
         """``(F + δ I)⁻¹ v`` for ``v`` of shape ``(d, k)``, ``δ`` as of the last :meth:`refresh`."""

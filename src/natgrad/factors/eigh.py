@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import DenseFactor
+from ..norms import all_finite
+from .base import DenseFactor, KroneckerFactor
 
 
 class EighFactor(DenseFactor):
@@ -23,6 +24,31 @@ class EighFactor(DenseFactor):
     def _compute_inverse(self, damping: float, dtype: torch.dtype) -> dict[str, Any]:
         lam, Q = torch.linalg.eigh(self.F.to(dtype))
         return {"Q": Q.flip(1), "lam": lam.flip(0).clamp_min(0.0)}
+
+    @classmethod
+    def refresh_batch(cls, factors: list[KroneckerFactor], dampings: list[float]) -> None:
+        """One batched ``eigh`` of the stacked ``(b, d, d)`` moments when every factor is an
+        :class:`EighFactor` of one size, dtype and device (the groups of a depthwise
+        convolution: hundreds of ``10 × 10`` decompositions in one call); a failure or a
+        non-finite result anywhere falls back to :meth:`refresh` one by one (its float64 retry
+        and error), so the outcome is that of the loop."""
+        f0 = factors[0] if factors else None
+        if f0 is None or len(factors) < 2 or any(
+                type(f) is not EighFactor or (f.dim, f.dtype, f.device)
+                != (f0.dim, f0.dtype, f0.device) for f in factors):
+            return super().refresh_batch(factors, dampings)
+        try:
+            lam, Q = torch.linalg.eigh(torch.stack([f.F for f in factors]))
+        except RuntimeError:
+            lam = None
+        if lam is None or not all_finite([lam, Q]):
+            return super().refresh_batch(factors, dampings)
+        lam, Q = lam.flip(-1).clamp_min(0.0), Q.flip(-1)
+        for i, (f, damping) in enumerate(zip(factors, dampings, strict=True)):
+            f.Q, f.lam = Q[i], lam[i]
+            f.damping = float(damping)
+            f.refreshed = True
+        return None
 
     def eigen(self) -> tuple[Tensor, Tensor, float]:
         return self.Q, self.lam, 0.0

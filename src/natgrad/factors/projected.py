@@ -249,8 +249,7 @@ class ProjectedFactor(KroneckerFactor):
             else:
                 groups.setdefault(key, []).append(item)
         for group in groups.values():
-            if len(group) < 2 or not cls._update_group(group, decay):
-                rest.extend(group)
+            rest.extend(group if len(group) < 2 else cls._update_group(group, decay))
         for item in rest:
             item.factor.update(item.rows, item.scale, decay, item.sq_norm)
 
@@ -265,8 +264,10 @@ class ProjectedFactor(KroneckerFactor):
         return (n, self.rank_cap, self.sketch_size, self.dtype, self.device) if steady else None
 
     @staticmethod
-    def _update_group(group: list[FactorUpdate], decay: float) -> bool:
-        """The batched refresh of :meth:`update_batch`; ``False`` (nothing changed) to fall back."""
+    def _update_group(group: list[FactorUpdate], decay: float) -> list[FactorUpdate]:
+        """The batched refresh of :meth:`update_batch`; returns the items it left unchanged for
+        :meth:`update` (all of them on a failure; when some sketches are nearly dependent, only
+        those, the rest being redone as a smaller batch with the same sketches)."""
         fs: list[ProjectedFactor] = [item.factor for item in group]  # type: ignore[misc]
         f0 = fs[0]
         dtype, device, r, k = f0.dtype, f0.device, f0.rank_cap, f0.sketch_size
@@ -281,7 +282,7 @@ class ProjectedFactor(KroneckerFactor):
                 batch_tr[i] = t
         new_tr = [decay * f.tr + w * t for f, w, t in zip(fs, weights, batch_tr)]
         if not all(math.isfinite(t) for t in new_tr):
-            return False  # update() warns and skips the offending factor
+            return group  # update() warns and skips the offending factor
         # products with the rows are done per factor, straight into a zero-padded basis buffer
         # Z = [U, Y] (b, d, r + k)
         Z = rows[0].new_zeros(b, max(dims), r + k)
@@ -289,8 +290,13 @@ class ProjectedFactor(KroneckerFactor):
             Z[i, : f.dim, :r] = f.U
             Z[i, : f.dim, r:] = f._gaussian_sketch(x, k, update_generator(f))
         Q = cholesky_qr2(Z[:, :, r:], Z[:, :, :r], f0._tol)
-        if Q is None:  # a nearly dependent sketch: update() drops directions one by one
-            return False
+        if Q is None:  # nearly dependent sketches: update() drops directions one by one
+            bad = [cholesky_qr2(Z[i, :, r:], Z[i, :, :r], f0._tol) is None for i in range(b)]
+            if not any(bad) or sum(bad) > b - 2:
+                return group
+            ok = [item for item, x in zip(group, bad) if not x]
+            return [item for item, x in zip(group, bad) if x] + ProjectedFactor._update_group(
+                ok, decay)
         Z[:, :, r:] = Q
         B = Z.new_empty(b, n, r + k)
         for i, (f, x) in enumerate(zip(fs, rows)):
@@ -301,7 +307,7 @@ class ProjectedFactor(KroneckerFactor):
                                    torch.stack([f.lam for f in fs]),
                                    torch.tensor([f.sigma for f in fs], **f64).view(b, 1))
         except RuntimeError:
-            return False
+            return group
         mu = mu[:, :r]
         U_new = torch.bmm(Z, V[:, :, :r].to(dtype))  # (b, d, r)
         lam_sum = mu.sum(1).tolist()  # one sync for the group
@@ -309,7 +315,7 @@ class ProjectedFactor(KroneckerFactor):
             # a leading-rows slice of a contiguous (b, d, r) buffer: contiguous, no copy needed
             f._accept(U_new[i, : f.dim], mu[i], new_tr[i], lam_sum[i])
             f.updates += 1
-        return True
+        return []
 
     def _choose_rank(self, mu: Tensor, tr: float) -> int:
         r = min(self.rank_cap, mu.numel())
