@@ -19,7 +19,7 @@ Protocol (:func:`run_race`):
    loss, and the ratios ``AdamW's time / its time`` (above 1: sooner than AdamW) with their
    range over seeds. For natgrad's K-FAC, the fraction of steps on which the KL-clip bound
    (``ν < 1``: the clip, not the learning rate, set the step length), from the optimizer's
-   ``diagnostics()`` where it counts it, else recorded by :class:`ClipRecorder`.
+   ``diagnostics()["kl_clip"]`` (of the optimizer or of its preconditioner).
 
 Validation and test losses are over fixed subsets of the validation / test splits
 (``eval_samples``) during the race and over whole splits at the end (``final_samples``).
@@ -27,7 +27,6 @@ Validation and test losses are over fixed subsets of the validation / test split
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -186,61 +185,16 @@ def load_task(cfg: RaceConfig) -> Task:
 # --------------------------------------------------------------------------- the KL-clip
 
 
-class ClipRecorder:
-    """The KL-clip factors ``ν`` of natgrad's K-FAC steps, per optimizer.
-
-    natgrad's optimizer does not count today how often its KL-clip binds, so while
-    :meth:`recording` is active every ``ν`` the update computes (:func:`natgrad.optim.update.
-    kl_scale`) is appended to the list of the optimizer named by :meth:`stepping`.
-    """
-
-    def __init__(self) -> None:
-        self.scales: dict[str, list[float]] = {}
-        self._current: str | None = None
-
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[ClipRecorder]:
-        from ..optim import update
-
-        original = update.kl_scale
-
-        def kl_scale(*args: Any, **kwargs: Any) -> float:
-            nu = original(*args, **kwargs)
-            if self._current is not None:
-                self.scales.setdefault(self._current, []).append(float(nu))
-            return nu
-
-        update.kl_scale = kl_scale
-        try:
-            yield self
-        finally:
-            update.kl_scale = original
-
-    @contextlib.contextmanager
-    def stepping(self, name: str | None) -> Iterator[None]:
-        self._current = name
-        try:
-            yield
-        finally:
-            self._current = None
-
-    def fraction(self, name: str, opt: Any) -> tuple[float | None, str | None]:
-        """``(share of steps on which the clip bound, where it comes from)``: the optimizer's
-        own count (``diagnostics()["kl_clip"]``, of it or of its preconditioner) when it keeps
-        one, else the ``ν`` recorded here."""
-        kfac = opt if hasattr(opt, "diagnostics") else getattr(opt, "preconditioner", None)
-        diag = kfac.diagnostics() if hasattr(kfac, "diagnostics") else None
-        if isinstance(diag, Mapping) and isinstance(diag.get("kl_clip"), Mapping):
-            clip = diag["kl_clip"]
-            if clip.get("steps"):
-                return float(clip["bound"]) / clip["steps"], "diagnostics"
-        frac = self.bound_fraction(name)
-        return frac, None if frac is None else "recorded"
-
-    def bound_fraction(self, name: str) -> float | None:
-        """Share of the recorded steps with ``ν < 1`` (``None``: none recorded)."""
-        nus = self.scales.get(name)
-        return None if not nus else sum(nu < 1.0 for nu in nus) / len(nus)
+def clip_bound_fraction(opt: Any) -> float | None:
+    """Share of the steps on which the KL-clip bound, from the optimizer's own count
+    (``diagnostics()["kl_clip"]`` of :class:`natgrad.KFAC`, or of the preconditioner of a
+    :class:`~natgrad.optim.PreconditionedOptimizer`); ``None`` when it counted no step."""
+    kfac = opt if hasattr(opt, "diagnostics") else getattr(opt, "preconditioner", None)
+    diag = kfac.diagnostics() if hasattr(kfac, "diagnostics") else None
+    clip = diag.get("kl_clip") if isinstance(diag, Mapping) else None
+    if not isinstance(clip, Mapping) or not clip.get("steps"):
+        return None
+    return float(clip["bound"]) / clip["steps"]
 
 
 # --------------------------------------------------------------------------- tuning
@@ -332,8 +286,8 @@ def format_setting(setting: Mapping[str, float | str]) -> str:
 # --------------------------------------------------------------------------- the race
 
 
-def race_seed(task: Task, picked: Mapping[str, Mapping[str, float | str]], seed: int,
-              clips: ClipRecorder) -> dict[str, dict[str, Any]]:
+def race_seed(task: Task, picked: Mapping[str, Mapping[str, float | str]], seed: int
+              ) -> dict[str, dict[str, Any]]:
     """All optimizers from the same weights and batches, taking turns step by step; per
     optimizer its curve ``[(step, own s, validation loss)]``, final losses and clip steps."""
     cfg = task.cfg
@@ -341,11 +295,9 @@ def race_seed(task: Task, picked: Mapping[str, Mapping[str, float | str]], seed:
     curves: dict[str, list[list[float]]] = {n: [] for n in runs}
     for n, run in runs.items():
         curves[n].append([0, 0.0, task.evaluate(run.model, task.validation, cfg.eval_samples)])
-    clips.scales.clear()
     for k in range(1, cfg.steps + 1):
-        for name, run in runs.items():
-            with clips.stepping(name):
-                run.step()
+        for run in runs.values():
+            run.step()
         if k % cfg.eval_every == 0 or k == cfg.steps:
             for name, run in runs.items():
                 val = (math.inf if run.failed
@@ -353,7 +305,7 @@ def race_seed(task: Task, picked: Mapping[str, Mapping[str, float | str]], seed:
                 curves[name].append([k, run.own_s, val])
     out = {}
     for name, run in runs.items():
-        clip, source = clips.fraction(name, run.opt) if name in NATGRAD else (None, None)
+        clip = clip_bound_fraction(run.opt) if name in NATGRAD else None
         final = {split: (math.inf if run.failed else task.evaluate(run.model, data,
                                                                      cfg.final_samples))
                  for split, data in (("validation", task.validation), ("test", task.test))}
@@ -361,7 +313,7 @@ def race_seed(task: Task, picked: Mapping[str, Mapping[str, float | str]], seed:
                      "final_validation_loss": final["validation"],
                      "final_test_loss": final["test"],
                      "step_ms": 1e3 * run.own_s / max(run.steps, 1),
-                     "clip_bound_fraction": clip, "clip_source": source}
+                     "clip_bound_fraction": clip}
     return out
 
 
@@ -428,17 +380,15 @@ def run_race(cfg: RaceConfig, out_dir: str | Path | None = None,
     t0 = time.perf_counter()
     try:
         task = load_task(cfg)
-        clips = ClipRecorder()
-        with clips.recording():
-            tuning = {}
-            for name in cfg.optimizers:
-                tuning[name] = tune(task, name, log)
-                log(f"{name}: picked {format_setting(tuning[name]['picked'])}")
-            picked = {n: t["picked"] for n, t in tuning.items()}
-            seeds = {}
-            for seed in cfg.seeds:
-                log(f"race, seed {seed}")
-                seeds[seed] = race_seed(task, picked, seed, clips)
+        tuning = {}
+        for name in cfg.optimizers:
+            tuning[name] = tune(task, name, log)
+            log(f"{name}: picked {format_setting(tuning[name]['picked'])}")
+        picked = {n: t["picked"] for n, t in tuning.items()}
+        seeds = {}
+        for seed in cfg.seeds:
+            log(f"race, seed {seed}")
+            seeds[seed] = race_seed(task, picked, seed)
     finally:
         torch.set_num_threads(threads)
     n_params = sum(p.numel() for p in task.build(0).parameters())
