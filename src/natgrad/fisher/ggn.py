@@ -388,7 +388,7 @@ class GGNOperator(LinearOperator):
         return result / self.num_samples
 
     # ------------------------------------------------------------------ per-sample rows
-    def _sample_rows(self, memory_elements: int) -> Iterator[Tensor]:
+    def sample_rows(self, memory_elements: int) -> Iterator[Tensor]:
         """Rows of ``B_n J_n`` for sub-chunks of samples: ``(s · R, P)`` each.
 
         ``R`` backward passes per sample (vmapped over samples and rows, one forward per
@@ -437,7 +437,7 @@ class GGNOperator(LinearOperator):
         sub-chunk sized so that ``sub · R · P ≤ memory_elements``.
         """
         diag = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        for U in self._sample_rows(memory_elements):
+        for U in self.sample_rows(memory_elements):
             diag += U.pow(2).sum(0)
         return diag / self.num_samples
 
@@ -448,7 +448,7 @@ class GGNOperator(LinearOperator):
             raise ValueError(f"refusing to form a dense {self.dim}×{self.dim} matrix "
                              f"(max_dim={max_dim})")
         M = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
-        for U in self._sample_rows(memory_elements):
+        for U in self.sample_rows(memory_elements):
             M += U.T.double() @ U.double()
         return (M / self.num_samples).to(self.dtype)
 

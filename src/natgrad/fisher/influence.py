@@ -53,7 +53,7 @@ def sample_gradients(model: nn.Module, data: Data, loss: str = "cross_entropy",
     positions) in the flat parameter order of the operators (``named_parameters``); needs
     labels. One backward pass per sample, vmapped."""
     op = EmpiricalFisher(model, data, loss, params=params, chunk_size=chunk_size)
-    return torch.cat(list(op._sample_rows(memory_elements)))
+    return torch.cat(list(op.sample_rows(memory_elements)))
 
 
 def influence_scores(inverse: LinearOperator, test_gradients: Tensor,

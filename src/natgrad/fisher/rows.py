@@ -257,7 +257,7 @@ class RowFisher(LinearOperator):
                           if n in kron else _DenseBlock(n, s.indices, cols, *store[n]))
         if rest:
             sub = op.restrict([op.names[i] for i in rest])
-            U = torch.cat(list(sub._sample_rows(memory_elements)))
+            U = torch.cat(list(sub.sample_rows(memory_elements)))
             if U.shape[0] != N * R:
                 raise _rows_vary(R)
             U = U.reshape(N, R, sub.dim)
