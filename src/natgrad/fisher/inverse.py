@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +38,7 @@ from torch import Tensor
 from ..blocks import KroneckerBlock
 from ..factors import KroneckerFactor, solve, split_damping
 from .base import LinearOperator
-from .kfac import KFACOperator
+from .kfac import KFACOperator, layer_map
 
 DAMPING_MODES = ("exact", "factored")
 
@@ -53,27 +52,6 @@ def check_damping(damping: Any) -> float:
             math.isfinite(damping) and damping > 0):
         raise ValueError(f"damping must be a finite positive number, got {damping!r}")
     return float(damping)
-
-
-def layer_map(op: KFACOperator, V: Tensor, fn: Callable[[str, Tensor], Tensor],
-              rest: float) -> Tensor:
-    """Apply ``fn(layer, M)`` to each layer's ``(d_G, d_A)`` matrix ``M = [W | b]`` of every
-    column of ``V`` ``(P, k)`` (the flat order of ``op``), and ``rest · v`` to the parameters
-    outside every layer of ``op``; returns ``(P, k)``."""
-    out = torch.zeros_like(V)
-    covered = set()
-    for name, helper in op.layers.items():
-        idx = op._index[name]
-        covered.update(idx)
-        for j in range(V.shape[1]):
-            parts = [V[op.offsets[i]:op.offsets[i + 1], j].reshape(op.shapes[i]) for i in idx]
-            R = fn(name, helper.grad_matrix(parts)).to(V.dtype)
-            for i, t in zip(idx, helper.split_matrix(R)):
-                out[op.offsets[i]:op.offsets[i + 1], j] = t.reshape(-1)
-    for i in range(len(op.names)):
-        if i not in covered:
-            out[op.offsets[i]:op.offsets[i + 1]] = rest * V[op.offsets[i]:op.offsets[i + 1]]
-    return out
 
 
 class _Eigen:

@@ -18,7 +18,7 @@ every preconditioned layer get a **zero** block (listed in :attr:`KFACOperator.u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +33,31 @@ from ._model import Data, check_deterministic, select_params
 from .base import LinearOperator
 from .layer_diagonal import ggn_layer_traces, recognised_layers
 from .rows import RowFisher
+
+
+def layer_map(op: KFACOperator, V: Tensor, fn: Callable[[str, Tensor], Tensor],
+              rest: float = 0.0) -> Tensor:
+    """Apply ``fn(layer, M)`` to each layer's ``(d_G, d_A)`` matrix ``M = [W | b]`` of every
+    column of ``V`` ``(P, k)`` (the flat order of ``op``), and ``rest · v`` to the parameters
+    outside every layer of ``op``; returns ``(P, k)``. ``fn`` must be linear: a zero block
+    (e.g. a probe masked to another layer) is left zero without calling it."""
+    out = torch.zeros_like(V)
+    covered: set[int] = set()
+    for name, helper in op.layers.items():
+        idx = op._index[name]
+        covered.update(idx)
+        for j in range(V.shape[1]):
+            parts = [V[op.offsets[i]:op.offsets[i + 1], j].reshape(op.shapes[i]) for i in idx]
+            if not any(bool(t.any()) for t in parts):
+                continue
+            R = fn(name, helper.grad_matrix(parts)).to(V.dtype)
+            for i, t in zip(idx, helper.split_matrix(R)):
+                out[op.offsets[i]:op.offsets[i + 1], j] = t.reshape(-1)
+    if rest != 0.0:
+        for i in range(len(op.names)):
+            if i not in covered:
+                out[op.offsets[i]:op.offsets[i + 1]] = rest * V[op.offsets[i]:op.offsets[i + 1]]
+    return out
 
 
 class KFACOperator(LinearOperator):
@@ -154,21 +179,11 @@ class KFACOperator(LinearOperator):
 
     # ------------------------------------------------------------------ products
     def _matmat(self, V: Tensor) -> Tensor:
-        out = torch.zeros_like(V)
-        for name, helper in self.layers.items():
+        def apply(name: str, M: Tensor) -> Tensor:
             block = self.blocks[name]
-            dtype = block.factors[0].dtype
-            idx = self._index[name]
-            for j in range(V.shape[1]):
-                parts = [V[self.offsets[i]:self.offsets[i + 1], j].reshape(self.shapes[i])
-                         for i in idx]
-                if not any(bool(t.any()) for t in parts):
-                    continue  # a zero block (e.g. probes masked to another layer): zero result
-                M = helper.grad_matrix(parts).to(dtype)
-                R = block.matvec(M).to(self.dtype)
-                for i, t in zip(idx, helper.split_matrix(R)):
-                    out[self.offsets[i]:self.offsets[i + 1], j] = t.reshape(-1)
-        return out
+            return block.matvec(M.to(block.factors[0].dtype))
+
+        return layer_map(self, V, apply)
 
     def diagonal(self) -> Tensor:
         """``(P,)``: ``diag(A ⊗ G) = vec(diag G diag Aᵀ)`` per block, zero elsewhere."""
