@@ -22,7 +22,7 @@ from .data import (
 )
 from .engine import KroneckerCurvature, check_factor_dtype, factor_dtype_for
 from .hooks import ACCUMULATIONS, LOSS_REDUCTIONS, CaptureReport, CurvatureCapture, HookCapture
-from .outputs import check_output_key, find_output, replace_output
+from .outputs import check_output_key, find_output
 from .registration import Registration, discover, unwrap
 from .rows import output_directions, pullback
 from .statistics import FISHER_TYPES, Statistics, check_fisher
@@ -53,6 +53,5 @@ __all__ = [
     "output_directions",
     "pullback",
     "pullbacks",
-    "replace_output",
     "unwrap",
 ]

@@ -8,7 +8,6 @@ else is refused with an error that says what to pass.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,25 +56,3 @@ def find_output(output: Any, key: str | int | None) -> Tensor:
                          "logits tensor")
     return found
 
-
-def replace_output(output: Any, key: str | int | None, new: Tensor) -> Any:
-    """A shallow copy of ``output`` with the logits (found as by :func:`find_output`) replaced by
-    ``new``; a tensor output is simply ``new``. The user's own object is not modified."""
-    if isinstance(output, Tensor):
-        return new
-    if key is None:
-        key = "logits"
-    if isinstance(output, tuple):
-        items = list(output)
-        items[key] = new  # type: ignore[index]
-        return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
-    if isinstance(output, list):
-        items = list(output)
-        items[key] = new  # type: ignore[index]
-        return items
-    out = copy.copy(output)
-    if isinstance(output, Mapping):
-        out[key] = new
-    else:
-        setattr(out, key, new)
-    return out
