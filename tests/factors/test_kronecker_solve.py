@@ -59,3 +59,59 @@ def test_factored_direction_on_column_blocks(ra, rg):
     targets = [W[:, :6].clone(), W[:, 6:].clone()]
     D.add_to_(targets, -0.5)
     torch.testing.assert_close(torch.cat(targets, 1), W - 0.5 * expected, rtol=1e-10, atol=1e-12)
+
+
+def _dense_solve(V: torch.Tensor, A: _Spectral, G: _Spectral, lam: float) -> torch.Tensor:
+    n = A.dim * G.dim
+    K = torch.kron(A.dense(), G.dense()) + lam * torch.eye(n, dtype=torch.float64)
+    return torch.linalg.solve(K, V.T.reshape(-1)).reshape(A.dim, G.dim).T
+
+
+def test_solve_many_batches_equal_shapes_and_matches_dense(monkeypatch):
+    """Equal-shaped pairs (low rank: three, with different dampings; full rank: two) go through
+    one batched product each; a mixed-rank pair and a lone shape are solved on their own. Every
+    direction, its ``⟨V, D⟩`` and its in-place application equal the dense damped solve."""
+    import natgrad.factors.kronecker as kron
+
+    calls = []
+    batched = kron._batched_solve
+    monkeypatch.setattr(kron, "_batched_solve",
+                        lambda reqs, full: calls.append((len(reqs), full)) or batched(reqs, full))
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(7, 5, 3, 2, 0.1), (7, 5, 3, 2, 0.3), (7, 5, 3, 2, 1e-3),  # low rank, one group
+              (4, 3, 4, 3, 0.2), (4, 3, 4, 3, 0.05),  # full rank, one group
+              (7, 5, 7, 2, 0.1),  # A full, G low: on its own
+              (6, 5, 3, 2, 0.1)]  # a shape of its own
+    requests, dense = [], []
+    for da, dg, ra, rg, lam in shapes:
+        A, G = _Spectral(da, ra, gen), _Spectral(dg, rg, gen)
+        V = torch.randn(dg, da, generator=gen, dtype=torch.float64)
+        requests.append(([V[:, :-1].contiguous(), V[:, -1:].contiguous()], A, G, lam, None))
+        dense.append((V, _dense_solve(V, A, G, lam)))
+    out = kron.solve_many(requests)
+    assert sorted(calls) == [(2, True), (3, False)]
+    for D, (V, expected) in zip(out, dense):
+        torch.testing.assert_close(D.dense(), expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(D.inner, (V * expected).sum(), rtol=1e-10, atol=1e-12)
+        W = torch.randn_like(V)
+        targets = [W[:, :-1].clone(), W[:, -1:].clone()]
+        D.add_to_(targets, -0.5)
+        torch.testing.assert_close(torch.cat(targets, 1), W - 0.5 * expected, rtol=1e-10,
+                                   atol=1e-12)
+
+
+def test_solve_many_restacks_when_a_factor_changes():
+    """The stacked bases are reused only while every pair's constants are the same objects: a
+    refreshed factor (new eigenpairs) or a new damping gives the new solution."""
+    import natgrad.factors.kronecker as kron
+
+    gen = torch.Generator().manual_seed(8)
+    pairs = [(_Spectral(7, 3, gen), _Spectral(5, 2, gen)) for _ in range(2)]
+    V = [torch.randn(5, 7, generator=gen, dtype=torch.float64) for _ in range(2)]
+    kron.solve_many([([v], A, G, 0.1, None) for v, (A, G) in zip(V, pairs)])
+    pairs[1][0].mu = pairs[1][0].mu * 3  # a refresh replaces the eigenvalue tensor
+    for lam in (0.1, 0.7):
+        out = kron.solve_many([([v], A, G, lam, None) for v, (A, G) in zip(V, pairs)])
+        for D, v, (A, G) in zip(out, V, pairs):
+            torch.testing.assert_close(D.dense(), _dense_solve(v, A, G, lam), rtol=1e-10,
+                                       atol=1e-12)

@@ -152,6 +152,30 @@ def test_norm_solve_is_the_per_channel_damped_solve():
     torch.testing.assert_close(step, expect, rtol=1e-9, atol=1e-12)
 
 
+def test_norm_blocks_solved_together_equal_dense_solves():
+    """``ScaleShiftBlock.solve_many`` stacks the channels of equal-width blocks (different ``C``
+    and dampings here) into one solve; each direction and ``⟨V, D⟩`` equal the dense damped
+    solve of its own block, and a lone width-1 block is solved on its own."""
+    from natgrad.blocks.scale_shift import ScaleShiftFactor
+
+    g = torch.Generator().manual_seed(9)
+    requests, dense = [], []
+    for C, width, lam in [(3, 2, 0.1), (5, 2, 1e-3), (4, 1, 0.2), (2, 2, 0.5)]:
+        f = ScaleShiftFactor(width * C, width=width, dtype=f64)
+        R = torch.randn(C, width, width, generator=g, dtype=f64)
+        f.M = R @ R.mT
+        block = ScaleShiftBlock(f)
+        V = torch.randn(width * C, generator=g, dtype=f64)
+        blocks = [c.reshape(C, 1) for c in V.split(C)]
+        requests.append((block, blocks, lam, None))
+        dense.append((V, torch.linalg.solve(f.to_dense() + lam * torch.eye(width * C, dtype=f64),
+                                            V)))
+    out = ScaleShiftBlock.solve_many(requests)
+    for D, (V, expect) in zip(out, dense):
+        torch.testing.assert_close(D.dense().T.reshape(-1), expect, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(D.inner, V @ expect, rtol=1e-10, atol=1e-13)
+
+
 def test_train_mode_batchnorm_cnn_trains():
     torch.manual_seed(7)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),

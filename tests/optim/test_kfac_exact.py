@@ -115,6 +115,10 @@ def test_conv_with_one_location_one_datum_is_exact():
             ),
             (5, 2, 6, 6),
         ),
+        # three equal-shaped full-rank blocks: one batched solve (factors.solve_many)
+        (lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(),
+                               nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(),
+                               nn.Linear(5, 4)), (9, 6)),
     ],
 )
 @pytest.mark.parametrize("fisher", ["mc", "empirical", "exact"])
@@ -180,15 +184,18 @@ def test_gradient_accumulation_equals_full_batch_statistics():
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 @pytest.mark.parametrize(
-    "model_fn, x_shape",
+    "model_fn, x_shape, batched",
     [
-        (lambda: nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 5)), (9, 12)),
+        (lambda: nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 5)), (9, 12), 0),
         (lambda: nn.Sequential(nn.Conv2d(2, 6, 3, padding=1, bias=False), nn.Flatten(),
-                               nn.Linear(6 * 4 * 4, 5)), (4, 2, 4, 4)),
+                               nn.Linear(6 * 4 * 4, 5)), (4, 2, 4, 4), 0),
+        # two equal-shaped hidden layers: solved together
+        (lambda: nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(),
+                               nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 5)), (9, 12), 1),
     ],
 )
-def test_factored_low_rank_update_equals_dense_solve_with_kl_clip(model_fn, x_shape,
-                                                                  weight_decay):
+def test_factored_low_rank_update_equals_dense_solve_with_kl_clip(model_fn, x_shape, batched,
+                                                                  weight_decay, monkeypatch):
     """Projected factors of rank < d on both sides take the factored path (the direction is added
     to the weight and bias in place); the parameter change must still be ``η ν (A ⊗ G + λ I)⁻¹
     vec(∇ + wd·W)`` with the KL-clip factor ``ν`` of the dense direction."""
@@ -203,7 +210,14 @@ def test_factored_low_rank_update_equals_dense_solve_with_kl_clip(model_fn, x_sh
     opt.zero_grad()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    import natgrad.factors.kronecker as kron
+
+    calls = []
+    solve_batch = kron._batched_solve
+    monkeypatch.setattr(kron, "_batched_solve",
+                        lambda reqs, full: calls.append(len(reqs)) or solve_batch(reqs, full))
     opt.step()
+    assert len(calls) == batched
     pnames = {id(p): n for n, p in model.named_parameters()}
     directions, vg = {}, 0.0
     for name, helper in opt.layers.items():

@@ -77,6 +77,13 @@ class CurvatureBlock(ABC):
         (those of :meth:`natgrad.layers.LayerHelper.matrix_blocks`); ``norm2`` = ``‖V‖²`` if
         known."""
 
+    @classmethod
+    def solve_many(cls, requests: list[tuple[CurvatureBlock, list[Tensor], float,
+                                             Tensor | None]]) -> list[Direction]:
+        """:meth:`solve` for several blocks of this type (``(block, blocks, λ, ‖V‖²)`` each),
+        in order; a type may override it to solve equal-shaped blocks in one batched call."""
+        return [b.solve(blocks, damping, norm2) for b, blocks, damping, norm2 in requests]
+
     @abstractmethod
     def matvec(self, V: Tensor) -> Tensor:
         """The block (as represented) applied to a ``(d_G, d_A)`` matrix ``V``."""

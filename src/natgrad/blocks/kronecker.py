@@ -12,6 +12,7 @@ from ..factors import (
     kronecker_matvec,
     refresh_pair,
     solve,
+    solve_many,
 )
 from .base import CurvatureBlock, LayerStatistics
 from .closed_forms import kron_logdet, kron_top_eigenvalues, kron_trace
@@ -55,6 +56,13 @@ class KroneckerBlock(CurvatureBlock):
     def solve(self, blocks: list[Tensor], damping: float,
               norm2: Tensor | None = None) -> Direction:
         return solve(blocks, self.A, self.G, damping, norm2)
+
+    @classmethod
+    def solve_many(cls, requests: list[tuple[CurvatureBlock, list[Tensor], float,
+                                             Tensor | None]]) -> list[Direction]:
+        """Equal-shaped pairs in one batched product (:func:`natgrad.factors.solve_many`)."""
+        return solve_many([(blocks, b.A, b.G, damping, norm2)  # type: ignore[attr-defined]
+                           for b, blocks, damping, norm2 in requests])
 
     def matvec(self, V: Tensor) -> Tensor:
         return kronecker_matvec(V, self.A, self.G)

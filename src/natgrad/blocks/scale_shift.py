@@ -23,6 +23,18 @@ from ..norms import all_finite
 from .base import CurvatureBlock, LayerStatistics
 
 
+def solve_pairs(M: Tensor, V: Tensor, damping: float | Tensor) -> Tensor:
+    """``(M_c + λ_c I)⁻¹ V_c`` for ``M`` ``(C, k, k)``, ``V`` ``(C, k)``, ``k ∈ {1, 2}``
+    (closed-form inverses; ``damping`` a number or one per channel, ``(C,)``)."""
+    if M.shape[1] == 1:
+        return V / (M[:, 0] + (damping.unsqueeze(1) if isinstance(damping, Tensor) else damping))
+    a, b = M[:, 0, 0] + damping, M[:, 0, 1]
+    c, d = M[:, 1, 0], M[:, 1, 1] + damping
+    det = a * d - b * c
+    x, y = V[:, 0], V[:, 1]
+    return torch.stack([(d * x - b * y) / det, (a * y - c * x) / det], dim=1)
+
+
 class ScaleShiftFactor(KroneckerFactor):
     """``C`` exact ``k × k`` moments ``M_c`` (``k = width``: 2 for scale and shift, 1 for a
     scale alone), updated from per-sample rows ``(n, kC)`` = ``[u_1..u_C, v_1..v_C]``;
@@ -58,13 +70,7 @@ class ScaleShiftFactor(KroneckerFactor):
 
     def solve_pairs(self, V: Tensor, damping: float) -> Tensor:
         """``(M_c + λ I)⁻¹ V_c`` for ``V`` ``(C, k)`` (closed-form 2×2 or 1×1 inverses)."""
-        if self.width == 1:
-            return V / (self.M[:, 0] + damping)
-        a, b = self.M[:, 0, 0] + damping, self.M[:, 0, 1]
-        c, d = self.M[:, 1, 0], self.M[:, 1, 1] + damping
-        det = a * d - b * c
-        x, y = V[:, 0], V[:, 1]
-        return torch.stack([(d * x - b * y) / det, (a * y - c * x) / det], dim=1)
+        return solve_pairs(self.M, V, damping)
 
     def inv_matmul(self, v: Tensor) -> Tensor:
         """``(F + δ I)⁻¹ v`` for ``v`` ``(kC, n)`` in the ``[γ; β]`` layout."""
@@ -118,6 +124,32 @@ class ScaleShiftBlock(CurvatureBlock):
               norm2: Tensor | None = None) -> Direction:
         V = torch.cat(blocks, dim=1)
         return Direction.from_dense(blocks, self.factor.solve_pairs(V, damping))
+
+    @classmethod
+    def solve_many(cls, requests: list[tuple[CurvatureBlock, list[Tensor], float,
+                                             Tensor | None]]) -> list[Direction]:
+        """Blocks of equal width and dtype solved as one: their channels stacked, ``(ΣC, k)``."""
+        out: list[Direction | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, (block, blocks, _, _) in enumerate(requests):
+            f = block.factor  # type: ignore[attr-defined]
+            groups.setdefault((f.width, f.dtype, f.device, len(blocks)), []).append(i)
+        for idx in groups.values():
+            if len(idx) == 1:
+                block, blocks, damping, norm2 = requests[idx[0]]
+                out[idx[0]] = block.solve(blocks, damping, norm2)
+                continue
+            factors = [requests[i][0].factor for i in idx]  # type: ignore[attr-defined]
+            sizes = [f.channels for f in factors]
+            M = torch.cat([f.M for f in factors])
+            lam = torch.cat([f.M.new_full((f.channels,), requests[i][2])
+                             for i, f in zip(idx, factors)])
+            V = torch.cat([torch.cat(requests[i][1], dim=1) for i in idx])  # (ΣC, k)
+            D = solve_pairs(M, V, lam)
+            inner = (V * D).sum(1).split(sizes)
+            for i, Di, s in zip(idx, D.split(sizes), inner):
+                out[i] = Direction(list(Di.split(1, dim=1)), 1.0, None, None, s.sum())
+        return out  # type: ignore[return-value]
 
     def matvec(self, V: Tensor) -> Tensor:
         return torch.einsum("cij,cj->ci", self.factor.M, V)

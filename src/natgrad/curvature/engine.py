@@ -195,10 +195,28 @@ class KroneckerCurvature:
               norm2: Tensor | None = None) -> Direction:
         """The damped natural-gradient direction of layer ``name`` (``λ`` at least the layer's
         damping floor, :meth:`refresh`)."""
+        return self.blocks[name].solve(blocks, self._solve_damping(name, damping), norm2)
+
+    def _solve_damping(self, name: str, damping: float) -> float:
         floor = self.damping_floors.get(name)
         if floor is None:
             floor = self.damping_floors[name] = damping_floor(self.blocks[name])
-        return self.blocks[name].solve(blocks, self._floored(name, damping, floor), norm2)
+        return self._floored(name, damping, floor)
+
+    def solve_many(self, requests: dict[str, tuple[list[Tensor], float, Tensor | None]]
+                   ) -> dict[str, Direction]:
+        """:meth:`solve` for several layers (``name → (blocks, λ, ‖V‖²)``), in their order;
+        blocks of one type go to its :meth:`~natgrad.blocks.CurvatureBlock.solve_many` together
+        (equal-shaped Kronecker blocks are solved in one batched product)."""
+        by_type: dict[type, list[str]] = {}
+        for name in requests:
+            by_type.setdefault(type(self.blocks[name]), []).append(name)
+        out: dict[str, Direction] = {}
+        for kind, names in by_type.items():
+            items = [(self.blocks[n], requests[n][0], self._solve_damping(n, requests[n][1]),
+                      requests[n][2]) for n in names]
+            out.update(zip(names, kind.solve_many(items)))
+        return {name: out[name] for name in requests}
 
     # ------------------------------------------------------------------ reporting
     def summary_lines(self) -> list[str]:

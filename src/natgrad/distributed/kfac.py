@@ -86,6 +86,13 @@ class SingleProcess:
         assert self.curvature is not None
         return self.curvature.solve(name, blocks, damping, norm2)
 
+    def solve_many(self, requests: dict[str, tuple[list[Tensor], float, Tensor | None]]
+                   ) -> dict[str, Direction]:
+        """:meth:`solve` for several layers (``name → (blocks, λ, ‖V‖²)``), batched where the
+        curvature can (:meth:`KroneckerCurvature.solve_many`)."""
+        assert self.curvature is not None
+        return self.curvature.solve_many(requests)
+
     def agree(self, value: float) -> float:
         """A float every rank must use alike (here: ``value`` itself)."""
         return value
@@ -267,6 +274,13 @@ class DistributedKFAC(SingleProcess):
         with collective(f"broadcast (preconditioned gradient of {name!r})", self.group):
             dist.broadcast(D, src=global_rank(owner, self.group), group=self.group)
         return Direction.from_dense(blocks, D)
+
+    def solve_many(self, requests: dict[str, tuple[list[Tensor], float, Tensor | None]]
+                   ) -> dict[str, Direction]:
+        """Batched local solves (``"inverse"``), or each owner's solve broadcast in turn."""
+        if self.broadcast == "inverse":
+            return super().solve_many(requests)
+        return {name: self.solve(name, *req) for name, req in requests.items()}
 
 
 def _rank_seed(seed: int, rank: int) -> int:

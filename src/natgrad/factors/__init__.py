@@ -25,6 +25,7 @@ from .kronecker import (
     precondition,
     refresh_pair,
     solve,
+    solve_many,
     split_damping,
 )
 from .options import FactorOptions
@@ -66,6 +67,7 @@ __all__ = [
     "refresh_pair",
     "register_strategy",
     "solve",
+    "solve_many",
     "split_damping",
     "strategy_options",
     "unregister_strategy",

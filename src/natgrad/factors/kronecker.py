@@ -222,6 +222,120 @@ def solve(
     return Direction.from_dense(blocks, A.inv_matmul(G.inv_matmul(V).T).T)
 
 
+#: pairs whose layer matrix has at most this many entries are solved together with their
+#: equal-shaped peers by :func:`solve_many` (above it one layer's products outweigh the per-call
+#: overhead that batching saves, and the stacked gradients would be a large temporary)
+BATCH_MAX_ENTRIES = 1 << 17
+
+#: a request of :func:`solve_many`: ``(blocks, A, G, λ, ‖V‖² or None)``
+SolveRequest = tuple[list[Tensor], KroneckerFactor, KroneckerFactor, float, "Tensor | None"]
+
+
+def solve_many(requests: list[SolveRequest]) -> list[Direction]:
+    """:func:`solve` for several layers, in order; equal-shaped spectral pairs in one batch.
+
+    Pairs of spectral factors whose layer matrices have the same shape and column blocks and
+    whose bases have the same ranks (both factors low rank, or both full rank) and at most
+    :data:`BATCH_MAX_ENTRIES` entries are solved together by :func:`_batched_solve` (the
+    formulas of :func:`_spectral_solve` as ``(k, ·, ·)`` products, the direction returned dense);
+    every other request by :func:`solve`. The two agree to rounding.
+    """
+    out: list[Direction | None] = [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    for i, (blocks, A, G, _, _) in enumerate(requests):
+        key = _batch_key(blocks, A, G)
+        if key is None:
+            out[i] = solve(*requests[i])
+        else:
+            groups.setdefault(key, []).append(i)
+    for key, idx in groups.items():
+        if len(idx) == 1:
+            out[idx[0]] = solve(*requests[idx[0]])
+            continue
+        for i, D in zip(idx, _batched_solve([requests[i] for i in idx], full=key[-1])):
+            out[i] = D
+    return out  # type: ignore[return-value]
+
+
+def _batch_key(blocks: list[Tensor], A: KroneckerFactor, G: KroneckerFactor) -> tuple | None:
+    """What equal-shaped pairs share, or ``None`` when the pair is solved on its own."""
+    if not (A.spectral and G.spectral) or A.dim * G.dim > BATCH_MAX_ENTRIES:
+        return None
+    ra, rg = A.eigen()[0].shape[1], G.eigen()[0].shape[1]
+    full_a, full_g = ra == A.dim, rg == G.dim
+    if full_a != full_g:
+        return None
+    v = blocks[0]
+    return (A.dim, G.dim, ra, rg, tuple(b.shape[1] for b in blocks), v.dtype, v.device,
+            full_a)
+
+
+@dataclass
+class _PairStack:
+    """The bases and constants of ``k`` pairs stacked for :func:`_batched_solve` (``key``: the
+    pairs' :class:`_PairConstants`, whose identity says whether the stack is current)."""
+
+    key: list
+    Ua: Tensor  # (k, d_A, r_A)
+    Ug: Tensor  # (k, d_G, r_G)
+    C: Tensor  # (k, r_G, r_A); K when both are low rank
+    e2: Tensor  # (k, r_G, 1)
+    e3: Tensor  # (k, 1, r_A)
+    c: Tensor  # (k, 1, 1)
+
+
+#: the last stack per first ``A`` factor of a group (weakly keyed, like :data:`_CONSTANTS`)
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _pair_stack(requests: list[SolveRequest], full: bool) -> _PairStack:
+    consts = [_pair_constants(A, G, lam) for _, A, G, lam, _ in requests]
+    first = requests[0][1]
+    hit = _STACKS.get(first)
+    if hit is not None and len(hit.key) == len(consts) and all(
+        x is y for x, y in zip(hit.key, consts)
+    ):
+        return hit
+    Ua = torch.stack([A.eigen()[0] for _, A, _, _, _ in requests])
+    Ug = torch.stack([G.eigen()[0] for _, _, G, _, _ in requests])
+    C = torch.stack([k.C if full else k.K for k in consts])
+    e2 = torch.stack([k.e2 for k in consts])
+    e3 = torch.stack([k.e3 for k in consts])
+    c = torch.tensor([k.c for k in consts], dtype=Ua.dtype, device=Ua.device).view(-1, 1, 1)
+    stack = _PairStack(consts, Ua, Ug, C, e2, e3, c)
+    _STACKS[first] = stack
+    return stack
+
+
+def _batched_solve(requests: list[SolveRequest], full: bool) -> list[Direction]:
+    """:func:`_spectral_solve` for ``k`` pairs of one shape, as batched products.
+
+    With ``V`` ``(k, d_G, d_A)`` and the notation of :func:`_spectral_solve`: both low rank,
+    ``D = c V + U_G R₁ + M₂ U_Aᵀ``; both full, ``D = U_G (Z ∘ C) U_Aᵀ``.
+    """
+    st = _pair_stack(requests, full)
+    per_block = zip(*(blocks for blocks, *_ in requests))
+    cols = [torch.stack(bs) for bs in per_block]  # each (k, d_G, w_j)
+    V = torch.cat(cols, dim=2) if len(cols) > 1 else cols[0]
+    UgT, UaT = st.Ug.mT, st.Ua.mT
+    if full:
+        Z = torch.bmm(torch.bmm(UgT, V), st.Ua)
+        W = Z * st.C
+        D = torch.bmm(torch.bmm(st.Ug, W), UaT)
+        inner = (Z * W).sum((1, 2))
+    else:
+        X = torch.bmm(UgT, V)  # (k, r_G, d_A)
+        Y = torch.bmm(V, st.Ua)  # (k, d_G, r_A)
+        R1 = torch.baddbmm(st.e2 * X, torch.bmm(X, st.Ua).mul_(st.C), UaT)
+        M2 = Y * st.e3
+        inner = ((V * V).sum((1, 2)) * st.c.view(-1) + (X * R1).sum((1, 2))
+                 + (Y * M2).sum((1, 2)))
+        D = torch.baddbmm(torch.baddbmm(V * st.c, st.Ug, R1), M2, UaT)
+    widths = [b.shape[1] for b in requests[0][0]]
+    return [Direction(list(D[i].split(widths, dim=1)), 1.0, None, None, inner[i])
+            for i in range(len(requests))]
+
+
 def _diagonal_solve(V: Tensor, A: KroneckerFactor, G: KroneckerFactor, damping: float
                     ) -> Tensor:
     """Exact ``(diag(a) ⊗ G + λ I)⁻¹ vec(V)`` for a diagonal ``A`` and a spectral

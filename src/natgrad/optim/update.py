@@ -36,7 +36,7 @@ def solve_layers(opt: KFAC, directions: dict[int, Tensor], hp: dict[str, Any],
                  layer_group: dict[str, int], grad_norms: dict[int, Tensor]
                  ) -> dict[str, Direction]:
     """The natural-gradient direction of every layer whose curvature is ready."""
-    out: dict[str, Direction] = {}
+    requests: dict[str, tuple[list[Tensor], float, Tensor | None]] = {}
     for name, helper in opt.layers.items():
         block = opt.curvature.blocks[name]
         if not block.refreshed:
@@ -50,8 +50,8 @@ def solve_layers(opt: KFAC, directions: dict[int, Tensor], hp: dict[str, Any],
         norm2 = None  # ‖V‖², known when the direction is the gradient itself
         if all(d is p.grad and d.dtype == dtype for d, p in zip(ds, helper.params)):
             norm2 = sum(grad_norms[id(p)] for p in helper.params)
-        out[name] = opt.distributed.solve(name, blocks, damping, norm2)
-    return out
+        requests[name] = (blocks, damping, norm2)
+    return opt.distributed.solve_many(requests) if requests else {}
 
 
 def kl_scale(opt: KFAC, new: dict[str, Direction], hp: dict[str, Any],
