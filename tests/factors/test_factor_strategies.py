@@ -194,3 +194,25 @@ def test_float32_inverse_close_to_float64(strategy):
 def test_bad_rows_shape(strategy):
     with pytest.raises(ValueError, match="rows must have shape"):
         factor(strategy).update(torch.zeros(3, DIM + 1, dtype=torch.float64), 1.0, DECAY)
+
+
+def test_eigh_release_statistics_keeps_what_a_read_only_operator_reads():
+    """A refreshed eigh factor without its dense ``F``: trace, diagonal, dense form, eigenpairs
+    and products are those it had (float64, to rounding); an update then raises, naming why."""
+    from natgrad.factors import EighFactor, kronecker_matvec
+
+    g = torch.Generator().manual_seed(3)
+    A, G = EighFactor(6, dtype=torch.float64), EighFactor(4, dtype=torch.float64)
+    for f in (A, G):
+        f.update(torch.randn(9, f.dim, generator=g, dtype=torch.float64), 0.2, 0.0)
+        f.refresh(0.0)
+    V = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    before = (A.trace(), A.dense_diagonal().clone(), A.to_dense().clone(),
+              kronecker_matvec(V, A, G))
+    A.release_statistics()
+    assert A.F is None and A.trace() == before[0]
+    torch.testing.assert_close(A.dense_diagonal(), before[1], rtol=0, atol=0)
+    torch.testing.assert_close(A.to_dense(), before[2], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kronecker_matvec(V, A, G), before[3], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="released"):
+        A.update(torch.randn(3, 6, dtype=torch.float64), 1.0, 0.5)

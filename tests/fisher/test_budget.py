@@ -66,3 +66,13 @@ def test_cli_fails_fast_with_the_plan(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("natgrad analyze: error: ") and "--memory-gb" in err
     assert "memory plan" in err and not (out / "report.json").exists()
+
+
+def test_freed_memory_goes_back_to_the_system_on_glibc():
+    import sys
+
+    from natgrad.fisher._memory import release_freed_memory
+
+    blocks = [torch.ones(1 << 18) for _ in range(64)]  # 1 MB each: below glibc's mmap threshold
+    del blocks
+    assert release_freed_memory() is sys.platform.startswith("linux")

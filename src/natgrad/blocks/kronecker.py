@@ -19,7 +19,7 @@ from .closed_forms import kron_logdet, kron_top_eigenvalues, kron_trace
 
 
 def _diag(f: KroneckerFactor) -> Tensor:
-    return f.diag() if f.diagonal else f.to_dense().diagonal()
+    return f.diag() if f.diagonal else f.dense_diagonal()
 
 
 def _label(f: KroneckerFactor) -> str:

@@ -202,6 +202,10 @@ class KroneckerFactor(ABC):
     def to_dense(self) -> Tensor:
         """The represented ``F`` as a dense ``(d, d)`` matrix (for tests and small analyses)."""
 
+    def dense_diagonal(self) -> Tensor:
+        """``diag F`` as represented, ``(d,)`` (a strategy may give it without :meth:`to_dense`)."""
+        return self.to_dense().diagonal()
+
     def eigenvalues(self) -> Tensor:
         """All ``d`` eigenvalues of the represented ``F``, descending."""
         return torch.linalg.eigvalsh(self.to_dense().double()).flip(0).to(self.dtype)

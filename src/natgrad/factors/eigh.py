@@ -53,6 +53,35 @@ class EighFactor(DenseFactor):
     def eigen(self) -> tuple[Tensor, Tensor, float]:
         return self.Q, self.lam, 0.0
 
+    def release_statistics(self) -> None:
+        """Free the dense moment ``F`` of a refreshed factor that is never updated again (the
+        analysis' K-FAC operators: one ``d × d`` matrix less per factor, as much as a vector of
+        ``P`` for a wide layer). Products, eigenvalues, the trace and the diagonal then come from
+        ``F = Q diag(λ) Qᵀ`` (kept: ``tr F`` and ``diag F`` as they were); an update raises."""
+        if not self.refreshed:
+            raise RuntimeError(f"eigh factor (d={self.dim}): refresh before releasing F")
+        if self.F is None:
+            return
+        self._trace, self._diag = float(self.F.diagonal().sum()), self.F.diagonal().clone()
+        self.F = None  # type: ignore[assignment]
+
+    def _ema(self, *args: Any, **kwargs: Any) -> None:
+        if self.F is None:
+            raise RuntimeError(f"eigh factor (d={self.dim}): its statistics were released "
+                               "(release_statistics), it cannot be updated")
+        super()._ema(*args, **kwargs)
+
+    def trace(self) -> float:
+        return self._trace if self.F is None else super().trace()
+
+    def to_dense(self) -> Tensor:
+        if self.F is None:
+            return (self.Q * self.lam) @ self.Q.T
+        return self.F
+
+    def dense_diagonal(self) -> Tensor:
+        return self._diag if self.F is None else self.F.diagonal()
+
     def inv_matmul(self, v: Tensor) -> Tensor:
         return self.Q @ ((self.Q.T @ v) / (self.lam + self.damping).unsqueeze(-1))
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..curvature import discover
 from ..factors import ProjectedOptions
+from ._memory import release_freed_memory
 from ._model import Data
 from .budget import AnalysisPlan, plan_analysis
 from .ggn import EmpiricalFisher, ExactFisher, GGNOperator, MCFisher
@@ -31,6 +32,8 @@ from .quality import (
     block_products,
     block_relative_error,
     coupling_strength,
+    estimate,
+    gaussian_probes,
     relative_error,
     subspace_overlap,
 )
@@ -115,6 +118,7 @@ def analyze(
     report: dict[str, Any] = {}
 
     def stage(name: str):
+        release_freed_memory()  # what the last stage freed, out of the resident set
         progress(name)
         timings[name] = -time.perf_counter()
 
@@ -144,18 +148,6 @@ def analyze(
     # the same pass also sums the K-FAC statistics (same directions, same layer outputs)
     rows, kfac_stats = rows_and_statistics(op, max_bytes=cache_bytes) if cache else (None, None)
     report["products"] = rows_summary(rows, op.jacobian_mode, cache)
-    plan = None
-    if memory_bytes is not None:
-        item = torch.empty((), dtype=op.dtype).element_size()
-        model_bytes = sum(t.numel() * t.element_size()
-                          for t in (*model.parameters(), *model.buffers()))
-        held = rows.nbytes if rows is not None else (cache_bytes or 0) if cache else 0
-        plan = plan_analysis(op.dim, item, model_bytes + held, memory_bytes, top_k=top_k,
-                             probes=probes, slq_steps=slq_steps, density=density)
-        on_plan(plan)
-        report["memory_plan"] = plan.as_dict()
-    lanczos_kw: dict[str, Any] = {} if plan is None else {
-        "max_basis": plan.max_basis, "basis_dtype": plan.basis_dtype}
     if rows is not None:
         op = rows
         diag = rows.diagonal()
@@ -181,9 +173,25 @@ def analyze(
     if approximations is None:
         approximations = {"kfac": ("eigh", None),
                           "projected_kfac": ("projected", {"rank": projected_rank})}
-    approx_ops = {key: KFACOperator.from_statistics(model, kl, stats, n, strategy, options)
+    approx_ops = {key: KFACOperator.from_statistics(model, kl, stats, n, strategy, options,
+                                                    release_statistics=True)
                   for key, (strategy, options) in approximations.items()}
+    del stats, kfac_stats  # the sums are in the factors now (dense ones: one d × d each)
     done("kfac")
+
+    plan = None
+    if memory_bytes is not None:
+        # the stages from here on; what the trace and K-FAC stages left is held throughout
+        item = torch.empty((), dtype=op.dtype).element_size()
+        held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        held += rows.nbytes if rows is not None else (cache_bytes or 0) if cache else 0
+        held += sum(b.state_bytes() for K in approx_ops.values() for b in K.blocks.values())
+        plan = plan_analysis(op.dim, item, held, memory_bytes, top_k=top_k,
+                             probes=probes, slq_steps=slq_steps, density=density)
+        on_plan(plan)
+        report["memory_plan"] = plan.as_dict()
+    lanczos_kw: dict[str, Any] = {} if plan is None else {
+        "max_basis": plan.max_basis, "basis_dtype": plan.basis_dtype}
 
     stage("top_k")
     min_steps = (slq_steps if density else 0) if plan is None else plan.min_steps
@@ -235,13 +243,29 @@ def analyze(
         report["logdet"] = report["effective_dimension"] = None
 
     stage("approximation")
+    # one probe at a time (its products, the blocks' and every approximation's errors), so
+    # that a handful of vectors of P are alive whatever the number of probes
     names = list(layers)
-    bp = block_products(op, [groups[n] for n in names], probes=probes, seed=seed + 2)
-    report["coupling"] = _est(coupling_strength(bp))
+    gen = torch.Generator().manual_seed(seed + 2)
+    per_probe: dict[Any, list[float]] = {}
+    for _ in range(probes):
+        bp = block_products(op, [groups[n] for n in names],
+                            V=gaussian_probes(op, 1, generator=gen))
+        values = {"coupling": coupling_strength(bp)}
+        for key, K in approx_ops.items():
+            values[key] = relative_error(op, K, V=bp.V, FV=bp.FV)
+            values.update({(b, key): block_relative_error(op, bp, b, K)
+                           for b in range(len(names))})
+        del bp
+        for what, est in values.items():
+            per_probe.setdefault(what, []).append(est.value)
+    estimates = {what: estimate(torch.tensor(v, dtype=torch.float64))
+                 for what, v in per_probe.items()}
+    report["coupling"] = _est(estimates["coupling"])
     approx_report: dict[str, Any] = {}
     for key, K in approx_ops.items():
         approx_report[key] = {
-            "relative_error": _est(relative_error(op, K, V=bp.V, FV=bp.FV)),
+            "relative_error": _est(estimates[key]),
             "top_eigenvalues_closed_form": kfac_top_eigenvalues(K, top_k).tolist(),
             "trace_closed_form": kfac_trace(K),
             "logdet_closed_form": kfac_logdet(K, damping),
@@ -249,11 +273,8 @@ def analyze(
             "uncovered_parameters": K.uncovered,
         }
     report["approximations"] = approx_report
-    # the per-layer errors from the same products, now: the probes and products are let go
-    # before the per-layer eigenpairs
-    block_errors = {(b, key): block_relative_error(op, bp, b, K)
-                    for b in range(len(names)) for key, K in approx_ops.items()}
-    del bp
+    block_errors = {(b, key): estimates[b, key]
+                    for b in range(len(names)) for key in approx_ops}
     done("approximation")
 
     stage("layers")

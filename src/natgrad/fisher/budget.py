@@ -5,8 +5,11 @@ Everything the analysis holds that grows with ``P`` is a few *vectors of P* (4 b
 parameter for a float32 model, 8 for float64): the Lanczos basis of the top eigenpairs, the SLQ
 runs, the probes of the approximation errors and their products, the exact diagonal, one
 product's temporaries. The rest is fixed: the model, the rows of ``B_n J_n``
-(:class:`~natgrad.fisher.rows.RowFisher`, ``O(N · widths)``) or the cached forward passes. The
-plan picks, stage by stage, the largest configuration that fits:
+(:class:`~natgrad.fisher.rows.RowFisher`, ``O(N · widths)``) or the cached forward passes, and
+the K-FAC approximations' factors (one ``d × d`` eigenbasis per dense factor: as much as a
+vector of ``P`` for a wide layer). The plan is made once the trace and K-FAC stages have built
+these (the first products of the analysis; nothing else of size ``P`` is alive then) and covers
+the stages from top-``k`` on. It picks, stage by stage, the largest configuration that fits:
 
 ====================  ==============================================  ===========================
 stage                 vectors of ``P`` alive                          shrinks to
@@ -17,10 +20,11 @@ top_k                 ``b + 1`` basis + one product (``w``)           ``b`` from
                       are copied out)
 density               ``batch · steps`` (reorthogonalised runs)       streamed: the three-term
                       or ``batch · 3`` (streamed) + probes            recurrence
-approximation         ``V, F V, D V`` (``3 · probes``) + one          —
-                      block's masked probes and product
-                      (``2 · probes``); the top-k vectors are gone
-                      (their overlaps are taken at top_k)
+approximation         one probe at a time: ``v, F v, D v``, one       —
+                      block's masked probe and product, one
+                      approximation's product (6); the top-k
+                      vectors are gone (their overlaps are taken
+                      at top_k)
 layers                the block's basis (``≤ b + 1`` of ``P_ℓ``)      (as top_k)
 ====================  ==============================================  ===========================
 
@@ -73,7 +77,7 @@ class AnalysisPlan:
         budget: the bytes allowed.
         params: ``P``.
         item: bytes of one float of the operator (4 or 8).
-        fixed: bytes held throughout (model, rows or cached forward passes).
+        fixed: bytes held throughout (model, rows or cached forward passes, K-FAC factors).
         max_basis: vectors kept by the top-``k`` and per-layer Lanczos runs.
         basis_dtype: their dtype (the operator's: a float32 basis put the eigenvalues of a
             float32 operator ~7e-7 off, relative, far below the residual tolerance).
@@ -105,7 +109,7 @@ class AnalysisPlan:
         P = self.params
         lines = [f"memory plan: budget {_gb(self.budget)}, peak {_gb(self.peak)} "
                  f"({self.peak / P:.0f} bytes/parameter for {P:,} parameters); fixed "
-                 f"{_gb(self.fixed)} (model, rows / cached passes)",
+                 f"{_gb(self.fixed)} (model, rows / cached passes, K-FAC factors)",
                  f"  top-k Lanczos: basis of {self.max_basis} vectors "
                  f"({str(self.basis_dtype).replace('torch.', '')})"
                  + (f", first cycle {self.min_steps} steps reused as an SLQ probe"
@@ -139,7 +143,8 @@ def plan_analysis(params: int, item: int, fixed: int, budget: int, top_k: int = 
     Args:
         params: ``P``.
         item: bytes per float of the operator (4: float32, 8: float64).
-        fixed: bytes held throughout (the model, the rows or the cached forward passes).
+        fixed: bytes held throughout (the model, the rows or the cached forward passes, the
+            K-FAC approximations' factors).
         budget: bytes allowed for the whole analysis.
         top_k, probes, slq_steps, density: as :func:`~natgrad.fisher.analysis.analyze`.
 
@@ -158,7 +163,7 @@ def plan_analysis(params: int, item: int, fixed: int, budget: int, top_k: int = 
         if density:
             per_run = (slq_steps if reorth else 3) * vec
             out["density"] = fixed + batch * (per_run + vec) + (1 + PRODUCT_VECTORS) * vec
-        out["approximation"] = fixed + (5 * probes + PRODUCT_VECTORS) * vec
+        out["approximation"] = fixed + (6 + PRODUCT_VECTORS) * vec
         out["layers"] = fixed + (basis + 1) * vec + (2 + PRODUCT_VECTORS) * vec
         return out
 

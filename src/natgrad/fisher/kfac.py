@@ -144,10 +144,16 @@ class KFACOperator(LinearOperator):
         num_samples: int,
         strategy: str = "eigh",
         factor_options: Any = None,
+        release_statistics: bool = False,
     ) -> KFACOperator:
         """Factors of ``strategy`` from :func:`layer_statistics` output (shareable between
         strategies): per layer ``(Σ āāᵀ, Σ ggᵀ, T)`` as :class:`~natgrad.curvature.Gram` sums
         (or as rows ``R`` with ``RᵀR`` the sum).
+
+        ``release_statistics``: free what only a later update would need once the factors are
+        refreshed (the dense ``F`` of ``eigh`` factors, :meth:`EighFactor.release_statistics`);
+        the operator is then read-only (what :func:`~natgrad.fisher.analysis.analyze` wants:
+        one ``d × d`` matrix less per wide factor).
 
         The factors are made by the same :class:`~natgrad.curvature.KroneckerCurvature` as the
         optimizer's (same strategies, options and precision rule) and filled in one update."""
@@ -174,6 +180,8 @@ class KFACOperator(LinearOperator):
             for f in curvature.blocks[name].factors:
                 if f.spectral:
                     f.refresh(0.0)
+                    if release_statistics and hasattr(f, "release_statistics"):
+                        f.release_statistics()
         return cls(model, {n: layers[n] for n in rows},
                    {n: curvature.blocks[n] for n in rows})
 

@@ -29,17 +29,24 @@ def column_norms(X: Tensor, Y: Tensor | None = None) -> Tensor:
     return sq.sqrt()
 
 
-def _estimate(x: Tensor) -> Estimate:
+def estimate(x: Tensor) -> Estimate:
+    """Mean ± standard error of per-probe values ``x`` (``inf`` error for one probe)."""
     n = x.numel()
     se = float(x.std()) / math.sqrt(n) if n > 1 else math.inf
     return Estimate(float(x.mean()), se, n)
 
 
-def gaussian_probes(op: LinearOperator, probes: int, seed: int = 0) -> Tensor:
-    """``(P, probes)`` standard normal probes from a seeded generator."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(op.dim, probes, generator=gen, dtype=torch.float64).to(
-        device=op.device, dtype=op.dtype)
+def gaussian_probes(op: LinearOperator, probes: int, seed: int = 0,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """``(P, probes)`` standard normal probes from a seeded generator (or ``generator``, whose
+    stream it advances: successive calls give further probes), drawn in float64 a slice of rows
+    at a time and stored in the operator's dtype (no float64 copy of the whole block)."""
+    gen = torch.Generator().manual_seed(seed) if generator is None else generator
+    out = torch.empty(op.dim, probes, dtype=op.dtype, device=op.device)
+    for sl in _slices(op.dim):
+        rows = len(range(op.dim)[sl])
+        out[sl] = torch.randn(rows, probes, generator=gen, dtype=torch.float64)
+    return out
 
 
 def relative_error(op: LinearOperator, approx: LinearOperator, probes: int = 10,
@@ -51,7 +58,7 @@ def relative_error(op: LinearOperator, approx: LinearOperator, probes: int = 10,
     V = gaussian_probes(op, probes, seed) if V is None else V
     FV = (op @ V) if FV is None else FV
     AV = (approx @ V.to(approx.dtype)).to(FV.dtype)
-    return _estimate(column_norms(FV, AV) / column_norms(FV))
+    return estimate(column_norms(FV, AV) / column_norms(FV))
 
 
 def subspace_overlap(U: Tensor, W: Tensor) -> float:
@@ -111,7 +118,7 @@ def _mask(op: LinearOperator, indices: Sequence[int]) -> Tensor:
 
 def coupling_strength(bp: BlockProducts) -> Estimate:
     """Fraction of ``‖F v‖²`` from the off-diagonal blocks: ``‖F v − D v‖² / ‖F v‖²``."""
-    return _estimate((column_norms(bp.FV, bp.DV) / column_norms(bp.FV)).pow(2))
+    return estimate((column_norms(bp.FV, bp.DV) / column_norms(bp.FV)).pow(2))
 
 
 def block_relative_error(op: LinearOperator, bp: BlockProducts, block: int,
@@ -121,4 +128,4 @@ def block_relative_error(op: LinearOperator, bp: BlockProducts, block: int,
     m = _mask(op, bp.groups[block])
     AV = (approx @ (bp.V * m[:, None]).to(approx.dtype)).to(bp.DV.dtype)[m]
     F = bp.DV[m]
-    return _estimate(column_norms(F, AV) / column_norms(F))
+    return estimate(column_norms(F, AV) / column_norms(F))
