@@ -172,7 +172,7 @@ class KFACOperator(LinearOperator):
             model, [p for h in layers.values() for p in h.params], strategy=strategy,
             options=factor_options, registration=Registration(layers=dict(layers)))
         seen, used = 0, set()
-        for m, inputs, outputs, grads, records in pullbacks(
+        for m, _inputs, outputs, grads, records in pullbacks(
                 model, layers, data, get_likelihood(loss), fisher, chunk_size=chunk_size,
                 mc_samples=mc_samples, seed=seed, output_key=output_key):
             rows = {}

@@ -167,7 +167,7 @@ class KroneckerLaplace:
         delta = self.prior_precision if prior_precision is None else check_damping(
             prior_precision)
         total = 0.0
-        for name, (A, G) in self._spectra.items():
+        for _name, (A, G) in self._spectra.items():
             va, ca = _values(A)
             vg, cg = _values(G)
             terms = torch.log(self.num_samples * torch.outer(vg, va) + delta)
@@ -218,7 +218,7 @@ class KroneckerLaplace:
         """One posterior sample ``θ* + (N·K + δ I)^{-1/2} ε`` (``ε ~ N(0, I)``), per parameter
         in :attr:`params` order; layer by layer, one ``(d_G, d_A)`` noise matrix at a time."""
         out: list[Tensor] = [torch.empty(0)] * len(self.params)
-        for name, idx, D in self._deltas(generator):
+        for _name, idx, D in self._deltas(generator):
             for i, t in zip(idx, D):
                 out[i] = self.mean[i] + t.reshape(self.mean[i].shape).to(self.mean[i].dtype)
         return out
