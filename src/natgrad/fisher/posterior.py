@@ -132,6 +132,7 @@ class KroneckerLaplace:
         named = dict(model.named_parameters())
         self.params = [named[n] for n in op.names]
         self.mean = [p.detach().clone() for p in self.params]
+        self._mean_sq: float | None = None  # ‖θ*‖², once asked for
 
     @classmethod
     def fit(cls, model: nn.Module, data: Data, loss: str = "cross_entropy",
@@ -197,8 +198,10 @@ class KroneckerLaplace:
         with the prior ``N(0, δ⁻¹ I)``)."""
         delta = self.prior_precision if prior_precision is None else check_damping(
             prior_precision)
-        sq = sum(float(m.double().pow(2).sum()) for m in self.mean)
-        return log_likelihood - 0.5 * (delta * sq + self.log_det_precision(delta)
+        if self._mean_sq is None:
+            self._mean_sq = sum(float(torch.linalg.vector_norm(m, dtype=torch.float64) ** 2)
+                                for m in self.mean)
+        return log_likelihood - 0.5 * (delta * self._mean_sq + self.log_det_precision(delta)
                                        - self.op.dim * math.log(delta))
 
     def select_prior_precision(self, log_likelihood: float,
@@ -235,26 +238,53 @@ class KroneckerLaplace:
 
     @torch.no_grad()
     def predictive(self, data: Data, samples: int = 10, seed: int = 0,
-                   chunk_size: int = 256) -> Tensor:
+                   chunk_size: int = 256, linearized: bool = False) -> Tensor:
         """The sampled predictive on ``data``'s inputs: the mean over ``samples`` weight samples
-        of the softmax (``"cross_entropy"``) or of the output (``"mse"``), ``(n, C)``. The
-        weights are set in place one sample at a time and restored to the mean afterwards."""
+        ``θ = θ* + Δ`` of the softmax (``"cross_entropy"``) or of the output (``"mse"``),
+        ``(n, C)``, of the network at ``θ`` or, ``linearized=True``, of its linearisation
+        ``f(x, θ*) + J(x) Δ`` (one forward-mode product per chunk; the predictive of the
+        generalised Gauss–Newton model the posterior belongs to). The weights are set in place
+        one sample at a time and restored to the mean afterwards."""
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
         gen = torch.Generator(device=self.op.device).manual_seed(seed)
         total: Tensor | None = None
         with _at(self.params, self.mean):
             for _ in range(samples):
+                deltas: list[Tensor] = [torch.empty(0)] * len(self.params)
                 for _name, idx, D in self._deltas(gen):
                     for i, t in zip(idx, D):
                         p = self.params[i]
-                        p.copy_(self.mean[i]).add_(t.reshape(p.shape).to(p.dtype))
+                        if linearized:
+                            deltas[i] = t.reshape(p.shape).to(p.dtype)
+                        else:
+                            p.copy_(self.mean[i]).add_(t.reshape(p.shape).to(p.dtype))
                     del D
-                outs = [self._link(o) for o, _ in self._outputs(data, chunk_size)]
+                if linearized:
+                    outs = [self._link(o) for o in self._linear_outputs(data, deltas,
+                                                                         chunk_size)]
+                else:
+                    outs = [self._link(o) for o, _ in self._outputs(data, chunk_size)]
+                del deltas
                 probs = torch.cat(outs)
                 total = probs if total is None else total.add_(probs)
         assert total is not None
         return total / samples
+
+    def _linear_outputs(self, data: Data, deltas: list[Tensor],
+                        chunk_size: int) -> Iterable[Tensor]:
+        """``f(x, θ*) + J(x) Δ`` per chunk (forward-mode: ``torch.func.jvp``)."""
+        names = list(self.op.names)
+        p0 = self.params[0]
+        for x, _ in iter_chunks(data, chunk_size):
+            args, kwargs = model_args(to_model(x, p0.device, p0.dtype))
+
+            def f(*theta: Tensor, args=args, kwargs=kwargs) -> Tensor:
+                return torch.func.functional_call(self.model, dict(zip(names, theta)), args,
+                                                  kwargs)
+
+            out, tangent = torch.func.jvp(f, tuple(self.mean), tuple(deltas))
+            yield out + tangent
 
     @torch.no_grad()
     def map_predictive(self, data: Data, chunk_size: int = 256) -> Tensor:
