@@ -163,3 +163,16 @@ def test_bad_input():
     norm = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double().eval()
     with pytest.raises(ValueError, match="Kronecker blocks only"):
         KroneckerLaplace.fit(norm, data)
+
+
+@pytest.mark.parametrize("fisher", ["exact", "mc", "empirical"])
+def test_fit_from_a_loader_streams_the_kfac_factors(fisher):
+    """A DataLoader gives the factors of KFACOperator.from_data (running mean over its batches,
+    the MC labels drawn per chunk as there) and N = its number of samples."""
+    model, (X, y) = _model_data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=16)
+    la = KroneckerLaplace.fit(model, loader, fisher=fisher, strategy="eigh", chunk_size=16)
+    ref = KFACOperator.from_data(model, loader, fisher=fisher, strategy="eigh", chunk_size=16)
+    assert la.num_samples == N
+    K, R = la.op.to_dense(), ref.to_dense()
+    assert (K - R).abs().max() <= 1e-12 * R.abs().max()
