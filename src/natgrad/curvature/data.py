@@ -274,10 +274,11 @@ def gram64(X: Tensor, block: int = 4096) -> Tensor:
     n, d = X.shape
     nb = n // block
     head = X[:nb * block].reshape(nb, block, d)
-    out = (torch.bmm(head.transpose(1, 2), head).double().sum(0) if nb
-           else X.new_zeros(d, d, dtype=torch.float64))
     tail = X[nb * block:]
-    return out + (tail.T @ tail).double()
+    out = (tail.T @ tail).double()
+    if nb:
+        out += torch.bmm(head.transpose(1, 2), head).double().sum(0)
+    return out
 
 
 class StatisticSums:
@@ -314,9 +315,15 @@ class StatisticSums:
     def add_direction(self, grads: dict[str, Tensor]) -> None:
         """One output direction of the current chunk: layer name → the gradient at its output
         ``(m, ...)``."""
+        self.add_directions({n: g[None] for n, g in grads.items()})
+
+    def add_directions(self, grads: dict[str, Tensor]) -> None:
+        """Several output directions of the current chunk at once: layer name → the gradients
+        at its output ``(R, m, ...)`` (one Gram product over all ``R · m`` rows instead of
+        ``R`` smaller ones)."""
         for n, g in grads.items():
             if n in self._kept:
-                self.sums[n][1].add(self.layers[n].g_rows(g[None], self._kept[n]))
+                self.sums[n][1].add(self.layers[n].g_rows(g, self._kept[n]))
 
     def result(self) -> tuple[dict[str, tuple[Gram, Gram, int]], int]:
         """``(stats, N)`` as :func:`data_statistics` returns them."""
@@ -340,6 +347,15 @@ def data_statistics(
                                                         fisher, **kwargs):
         sums.add_inputs(m, inputs, outputs, records)
         R = max((len(g) for g in grads.values()), default=0)
-        for r in range(R):  # one direction at a time: the same sums as before
+        if R * sum(g[0].numel() for g in grads.values()) <= STACK_ELEMENTS:
+            sums.add_directions({n: torch.stack(g) for n, g in grads.items()})
+            continue
+        for r in range(R):  # one direction at a time: no (R, m, ...) copy of the gradients
             sums.add_direction({n: g[r] for n, g in grads.items()})
     return sums.result()
+
+
+#: :func:`data_statistics` stacks a chunk's output directions into one Gram product per layer
+#: while they hold at most this many elements (the stacked copy's memory), else adds them one by
+#: one
+STACK_ELEMENTS = 1 << 23

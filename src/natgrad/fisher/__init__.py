@@ -11,7 +11,9 @@ lists, ``+``, scalar ``*``, ``to_scipy()``, ``block(name)``):
 
 Damped inverses ``(M + λI)⁻¹`` are operators too (:mod:`natgrad.fisher.inverse`):
 :class:`KFACInverse` and :meth:`EKFACOperator.inverse` in closed form, :class:`CGInverse` by
-conjugate gradients on any operator, :func:`damped_inverse` picks one.
+conjugate gradients on any operator, :func:`damped_inverse` picks one. A Laplace posterior on the
+K-FAC operator in factored form (samples, evidence, predictive) is :class:`KroneckerLaplace`
+(:mod:`natgrad.fisher.posterior`).
 
 Estimators are free functions accepting any operator; they return frozen dataclasses
 (:mod:`natgrad.fisher.results`). Dense ``torch.func`` references live in
@@ -33,6 +35,7 @@ from .kron import (
     kron_trace,
 )
 from .lanczos import condition_number, lanczos_topk, tridiagonalize
+from .posterior import KroneckerLaplace
 from .quality import (
     block_products,
     block_relative_error,
@@ -49,7 +52,8 @@ FisherOperator = LinearOperator
 __all__ = [
     "CGInfo", "CGInverse", "EKFACInverse", "EKFACOperator", "KFACInverse", "damped_inverse",
     "DiagonalEstimate", "Eigenpairs", "EmpiricalFisher", "Estimate", "ExactFisher",
-    "FisherOperator", "GGNOperator", "IdentityOperator", "KFACOperator", "LinearOperator",
+    "FisherOperator", "GGNOperator", "IdentityOperator", "KFACOperator", "KroneckerLaplace",
+    "LinearOperator",
     "MCFisher", "Quadrature", "RestrictedOperator", "SpectralDensity", "block_products",
     "block_relative_error", "condition_number", "coupling_strength", "effective_dimension",
     "exact_diagonal", "exact_trace", "hutchinson_diagonal", "hutchinson_trace", "hutchpp_trace",

@@ -25,7 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import CurvatureBlock
-from ..curvature import Gram, KroneckerCurvature, StatisticSums, data_statistics, discover
+from ..curvature import (
+    Gram,
+    KroneckerCurvature,
+    Registration,
+    StatisticSums,
+    data_statistics,
+    discover,
+    pullbacks,
+)
 from ..factors import KroneckerFactor
 from ..layers import LayerHelper
 from ..likelihoods import get_likelihood
@@ -134,6 +142,58 @@ class KFACOperator(LinearOperator):
         layers, stats, num_samples = layer_statistics(
             model, data, loss, fisher, chunk_size, mc_samples, seed, output_key)
         return cls.from_statistics(model, layers, stats, num_samples, strategy, factor_options)
+
+    @classmethod
+    def from_stream(
+        cls,
+        model: nn.Module,
+        data: Data,
+        loss: str = "cross_entropy",
+        fisher: str = "exact",
+        strategy: str = "projected",
+        factor_options: Any = None,
+        chunk_size: int = 256,
+        mc_samples: int = 1,
+        seed: int = 0,
+        output_key: str | int | None = None,
+    ) -> KFACOperator:
+        """The factors of :meth:`from_data` (``A = (1/N) Σ ā āᵀ``, ``G = (1/(N T)) Σ g gᵀ``)
+        with every chunk's rows folded into the factors as it comes — a running mean, chunk
+        ``t`` of ``m_t`` samples entering with weight ``m_t / N_t`` — so that no ``d × d`` sum
+        is ever formed: for ``projected`` factors of wide layers (memory ``O(d·r)`` per factor,
+        each chunk one Rayleigh–Ritz update). Exact strategies (``eigh``) give the
+        :meth:`from_data` factors up to rounding; ``projected`` ones their recursive rank-``r``
+        compression, exact when the rank reaches the width."""
+        from ..curvature import LayerStatistics
+
+        check_deterministic(model)
+        layers = discover(model, [p for p in model.parameters() if p.requires_grad]).layers
+        curvature = KroneckerCurvature(
+            model, [p for h in layers.values() for p in h.params], strategy=strategy,
+            options=factor_options, registration=Registration(layers=dict(layers)))
+        seen, used = 0, set()
+        for m, _inputs, outputs, grads, records in pullbacks(
+                model, layers, data, get_likelihood(loss), fisher, chunk_size=chunk_size,
+                mc_samples=mc_samples, seed=seed, output_key=output_key):
+            rows = {}
+            for name, g in grads.items():
+                helper, dtype = layers[name], curvature.blocks[name].factors[0].dtype
+                T = helper.locations(outputs[name])
+                rows[name] = LayerStatistics(
+                    helper.a_rows(records[name]).to(dtype), helper.input_scale(m),
+                    helper.g_rows(torch.stack(g), records[name]).to(dtype),
+                    helper.output_grad_scale(m, T), m, a_diagonal=helper.diagonal_input)
+            seen += m
+            bad = curvature.update(rows, decay=1.0 - m / seen)
+            if bad:
+                raise FloatingPointError(f"non-finite curvature statistics in layers {bad}")
+            used.update(rows)
+        for name in used:
+            for f in curvature.blocks[name].factors:
+                if f.spectral:
+                    f.refresh(0.0)
+        return cls(model, {n: layers[n] for n in layers if n in used},
+                   {n: curvature.blocks[n] for n in used})
 
     @classmethod
     def from_statistics(
