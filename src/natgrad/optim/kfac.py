@@ -48,7 +48,7 @@ from ..norms import finite_total, squared_norms
 from . import hyper
 from .binding import BindingRecord
 from .diagnostics import missing_statistics
-from .eigen_adam import EigenAdamOptions, eigen_adam_step
+from .eigen_adam import EigenAdamOptions, eigen_adam_step, record_bases
 from .grafting import GraftOptions, grafted_step
 from .relative_clip import RelativeClip
 from .update import apply_updates, natural_directions, write_gradients
@@ -305,6 +305,8 @@ class KFAC(torch.optim.Optimizer):
         self.graft = graft_options
         #: Adam in the Kronecker eigenbasis (:mod:`natgrad.optim.eigen_adam`), or ``None``
         self.eigen_adam = eigen_options
+        #: layer → the bases its rotated first moment is in (:mod:`natgrad.optim.eigen_adam`)
+        self.eigen_adam_bases: dict[str, tuple[Any, Any]] = {}
         optimised = [p for g in self.param_groups for p in g["params"]]
         #: the curvature engine: layers, factors, updates, refreshes, solves
         self.curvature = KroneckerCurvature(net, optimised, strategy=factors, options=options,
@@ -504,6 +506,8 @@ class KFAC(torch.optim.Optimizer):
             if isinstance(self.kl_clip, RelativeClip) and "relative_clip" in extra:
                 self.kl_clip.load_state_dict(extra["relative_clip"])
             self.distributed.after_load(self._generator)
+            if self.eigen_adam is not None:
+                record_bases(self)
             self._capture.clear()
             self._capture.armed = self.precondition and self._is_curvature_step(self.steps)
 
