@@ -20,7 +20,9 @@ with ``V = [∇W | ∇b]`` (``d_G × d_A``) and the factors' bases ``U_G`` (``d_
 
 (hats: Adam's bias corrections). The first moment is kept split, ``C(m)`` rotated and ``R(m)``
 in the parameters' state, and split again when the bases change (``m`` itself is unchanged),
-so a step rotates only the gradient and the result: four products with full bases. With full bases (``eigh`` factors, or a diagonal factor such
+so a step rotates only the gradient and the result: four products with full bases.
+
+With full bases (``eigh`` factors, or a diagonal factor such
 as an embedding's token counts, whose basis is the identity) ``R = 0`` and this is Adam in the
 eigenbasis ``Q_A ⊗ Q_G``. With the low-rank bases of the ``projected`` strategy the top
 eigen-subspace gets the eigenbasis second moment and its complement (where the factors are a
