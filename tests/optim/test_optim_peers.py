@@ -95,3 +95,37 @@ def test_pytorch_optimizer_is_an_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'natgrad\[peers\]'"):
         make_optimizer("soap", _gpt())
+
+
+def test_float32_newton_schulz_is_torchs_iteration_in_float32():
+    """The float32 orthogonalisation agrees with torch's bfloat16 one to bfloat16's rounding,
+    for wide and tall matrices, and the registry's CPU Muon uses it only during its step."""
+    import torch.optim._muon as muon_module
+
+    from natgrad.optim.peers import newton_schulz_float32
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((6, 10), (10, 6)):
+        G = torch.randn(*shape, generator=g)
+        args = ((3.4445, -4.7750, 2.0315), 5, 1e-7)
+        ours, ref = newton_schulz_float32(G, *args), muon_module._zeropower_via_newtonschulz(
+            G, *args).float()
+        assert ours.dtype == torch.float32 and ours.shape == G.shape
+        torch.testing.assert_close(ours, ref, rtol=0.05, atol=0.05)
+    model = _gpt()
+    opt = make_optimizer("muon", model)
+    assert opt.newton_schulz_float32  # the model is on the CPU
+    saved = muon_module._zeropower_via_newtonschulz
+    _train(model, opt, 1)
+    assert muon_module._zeropower_via_newtonschulz is saved  # restored after the step
+    with pytest.raises(ValueError, match="newton_schulz_float32"):
+        MuonWithAdamW(model, newton_schulz_float32=1)
+
+
+def test_eigen_adam_entries_train_the_gpt():
+    for name in ("eigenadam", "peigenadam"):
+        model = _gpt()
+        opt = make_optimizer(name, model)
+        assert opt.eigen_adam is not None and opt.param_groups[0]["weight_decay"] == 0.01
+        losses = _train(model, opt, 12)
+        assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]

@@ -57,6 +57,10 @@ SPACES: dict[str, dict[str, tuple[float, float]]] = {
     "kfac": {"lr": (1e-2, 1.0), "kl_clip": (1e-4, 1.0), "damping": (1e-4, 1e-1)},
     "pkfac": {"lr": (1e-2, 1.0), "kl_clip": (1e-4, 1.0), "damping": (1e-4, 1e-1)},
     "pkfac+adamw": {"lr": (1e-4, 1e-2), "kl_clip": (1e-4, 1.0), "damping": (1e-4, 1e-1)},
+    # Adam in K-FAC's eigenbasis: no KL-clip, and λ does not enter the step (the basis is the
+    # factors' own); SOAP's range
+    "eigenadam": {"lr": (3e-4, 3e-2)},
+    "peigenadam": {"lr": (3e-4, 3e-2)},
 }
 #: the registry defaults of the non-lr hyperparameters (trial 0)
 KFAC_DEFAULTS = {"kl_clip": 1e-3, "damping": 1e-2}

@@ -8,8 +8,8 @@ from typing import Any
 
 from .registry import OPTIMIZERS, OptimizerSpec, make_optimizer
 
-__all__ = ["KFAC", "OPTIMIZERS", "GraftOptions", "OptimizerSpec", "PreconditionedOptimizer",
-           "RelativeClip", "make_optimizer"]
+__all__ = ["KFAC", "OPTIMIZERS", "EigenAdamOptions", "GraftOptions", "OptimizerSpec",
+           "PreconditionedOptimizer", "RelativeClip", "make_optimizer"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from .grafting import GraftOptions
 
         return GraftOptions
+    if name == "EigenAdamOptions":
+        from .eigen_adam import EigenAdamOptions
+
+        return EigenAdamOptions
     if name == "RelativeClip":
         from .relative_clip import RelativeClip
 

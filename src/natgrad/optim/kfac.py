@@ -48,6 +48,7 @@ from ..norms import finite_total, squared_norms
 from . import hyper
 from .binding import BindingRecord
 from .diagnostics import missing_statistics
+from .eigen_adam import EigenAdamOptions, eigen_adam_step, record_bases
 from .grafting import GraftOptions, grafted_step
 from .relative_clip import RelativeClip
 from .update import apply_updates, natural_directions, write_gradients
@@ -95,6 +96,29 @@ def _check_graft(graft: GraftOptions | None, kl_clip: Any, momentum: Any,
                          "momentum (expected 0)")
     if preconditioner is True:
         raise ValueError("invalid preconditioner=True with graft: grafting takes the step")
+    return None
+
+
+def _check_eigen_adam(options: EigenAdamOptions | None, graft: GraftOptions | None,
+                      kl_clip: Any, momentum: Any, preconditioner: Any, factors: str) -> Any:
+    """The KL-clip to use with ``eigen_adam`` (``None``: Adam's second moment decides the step
+    length); ``ValueError`` for a clip, momentum, preconditioner mode, a graft or a factor
+    strategy that has no eigenbasis."""
+    if options is None:
+        return kl_clip
+    if graft is not None:
+        raise ValueError("invalid eigen_adam with graft: choose one (both set the step length)")
+    if not (kl_clip is None or (isinstance(kl_clip, str) and kl_clip == "auto")):
+        raise ValueError(f"invalid kl_clip={kl_clip!r} with eigen_adam: the second moment "
+                         "decides the step length (expected 'auto' or None)")
+    if callable(momentum) or hyper.normalize("momentum", momentum) != 0:
+        raise ValueError(f"invalid momentum={momentum!r} with eigen_adam: beta1 is the momentum "
+                         "(expected 0)")
+    if preconditioner is True:
+        raise ValueError("invalid preconditioner=True with eigen_adam: eigen_adam takes the step")
+    if not get_strategy(factors).spectral:
+        raise ValueError(f"invalid factors={factors!r} with eigen_adam: it needs an eigenbasis "
+                         "(expected 'eigh' or 'projected')")
     return None
 
 
@@ -187,6 +211,12 @@ class KFAC(torch.optim.Optimizer):
             natural gradient of Adam's first moment; other parameters take Adam's step
             (:mod:`natgrad.optim.grafting`). ``lr`` then has Adam's units; no KL-clip, no
             ``momentum`` (β₁ is the momentum).
+        eigen_adam: ``None`` (default), ``True``, a dict or
+            :class:`~natgrad.optim.EigenAdamOptions`: Adam in the Kronecker eigenbasis of the
+            factors (eigenvalue-corrected K-FAC whose diagonal is a running mean of the squared
+            rotated gradient, as SOAP; :mod:`natgrad.optim.eigen_adam`); needs a spectral
+            strategy; ``lr`` has Adam's units, weight decay is decoupled, no KL-clip, no
+            ``momentum``. Other parameters take AdamW's step.
 
     Every scalar hyperparameter may also be a callable ``step -> value``; numbers may be NumPy
     scalars or one-element tensors, as in ``torch.optim``.
@@ -219,11 +249,15 @@ class KFAC(torch.optim.Optimizer):
         grad_scaler: Any = None,
         preconditioner: bool = False,
         graft: Any = None,
+        eigen_adam: Any = None,
     ) -> None:
         # ---- validate everything before any state exists
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         graft_options = GraftOptions.coerce(graft)
+        eigen_options = EigenAdamOptions.coerce(eigen_adam)
+        kl_clip = _check_eigen_adam(eigen_options, graft_options, kl_clip, momentum,
+                                    preconditioner, factors)
         kl_clip = _check_graft(graft_options, kl_clip, momentum, preconditioner)
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
                             ("damping", damping), ("factor_decay", factor_decay),
@@ -269,6 +303,10 @@ class KFAC(torch.optim.Optimizer):
         self.preconditioner = preconditioner
         #: Adam grafting (:mod:`natgrad.optim.grafting`), or ``None``
         self.graft = graft_options
+        #: Adam in the Kronecker eigenbasis (:mod:`natgrad.optim.eigen_adam`), or ``None``
+        self.eigen_adam = eigen_options
+        #: layer → the bases its rotated first moment is in (:mod:`natgrad.optim.eigen_adam`)
+        self.eigen_adam_bases: dict[str, tuple[Any, Any]] = {}
         optimised = [p for g in self.param_groups for p in g["params"]]
         #: the curvature engine: layers, factors, updates, refreshes, solves
         self.curvature = KroneckerCurvature(net, optimised, strategy=factors, options=options,
@@ -401,6 +439,8 @@ class KFAC(torch.optim.Optimizer):
             write_gradients(self, hp, layer_group, grad_norms)
         elif self.graft is not None:
             grafted_step(self, hp, layer_group, grad_norms)
+        elif self.eigen_adam is not None:
+            eigen_adam_step(self, hp)
         else:
             directions, scales = natural_directions(self, hp, layer_group, grad_norms)
             apply_updates(self, directions, scales, hp)
@@ -466,6 +506,8 @@ class KFAC(torch.optim.Optimizer):
             if isinstance(self.kl_clip, RelativeClip) and "relative_clip" in extra:
                 self.kl_clip.load_state_dict(extra["relative_clip"])
             self.distributed.after_load(self._generator)
+            if self.eigen_adam is not None:
+                record_bases(self)
             self._capture.clear()
             self._capture.armed = self.precondition and self._is_curvature_step(self.steps)
 

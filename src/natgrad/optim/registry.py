@@ -84,6 +84,8 @@ def _muon(model: nn.Module, params: Params, lr: float, loss_kind: str,
     used: the model's parameters are split by role."""
     from .peers import MuonWithAdamW
 
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    kw.setdefault("newton_schulz_float32", on_cpu)  # bfloat16 is emulated (slow) on CPUs
     return MuonWithAdamW(model, lr=lr, **kw)
 
 
@@ -221,4 +223,21 @@ OPTIMIZERS["pkfac+adamw"] = OptimizerSpec(
     _preconditioned("projected", _adamw, **PKFAC),
     default_lr=1e-3,
     description="projected K-FAC preconditioner (pkfac's schedule) in front of AdamW",
+)
+
+#: the schedule of ``eigenadam`` / ``peigenadam``: K-FAC's bases refreshed every 10 steps (as
+#: SOAP's precondition_frequency 10), decoupled weight decay at AdamW's 0.01
+EIGEN_ADAM = {"curvature_every": 10, "inverse_every": 10, "factor_decay": 0.8,
+              "eigen_adam": True, "weight_decay": 0.01}
+
+OPTIMIZERS["eigenadam"] = OptimizerSpec(
+    # lr: SOAP's default (Vyas et al. 2024), the update being SOAP's in K-FAC's basis
+    _kfac_strategy("eigh", **EIGEN_ADAM), default_lr=3e-3,
+    description="Adam in K-FAC's Kronecker eigenbasis (dense eigh, refreshed every 10 steps)",
+    strategy="eigh",
+)
+OPTIMIZERS["peigenadam"] = OptimizerSpec(
+    _kfac_strategy("projected", **EIGEN_ADAM), default_lr=3e-3,
+    description="Adam in projected K-FAC's rank-24 eigenbasis, Adam on its complement",
+    strategy="projected",
 )

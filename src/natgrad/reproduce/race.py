@@ -18,8 +18,8 @@ from .format import figure, md_table, num
 #: hidden layers are convolutions. PSGD-Kron (``kron``) is left out by default: pytorch-optimizer
 #: 4.1's first Kron step on the GPT did not finish in 100 s on the 2-core reference machine.
 RACE_OPTIMIZERS = {
-    "gpt": ("adamw", "muon", "soap", "shampoo", "pkfac", "pkfac+adamw"),
-    "resnet8": ("sgd", "adamw", "soap", "shampoo", "pkfac", "pkfac+adamw"),
+    "gpt": ("adamw", "muon", "soap", "shampoo", "pkfac", "pkfac+adamw", "eigenadam"),
+    "resnet8": ("sgd", "adamw", "soap", "shampoo", "pkfac", "pkfac+adamw", "eigenadam"),
 }
 #: per-model settings beside the mode's (batch, evaluation samples)
 RACE_SETUP = {"gpt": {"batch": 32, "eval_samples": 512},

@@ -1,0 +1,171 @@
+"""Adam in the Kronecker eigenbasis (natgrad.optim.eigen_adam): checked against a dense float64
+reference that rotates ``vec(∇)`` with ``Q_A ⊗ Q_G`` from ``eigh`` of the factors' dense
+matrices, keeps Adam's moments there, and rotates back; parameters outside Kronecker blocks are
+torch's AdamW."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from natgrad import KFAC
+from natgrad.fisher.dense import kron_dense, unvec, vec
+from natgrad.optim.eigen_adam import EigenAdamOptions
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _model():
+    return nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3))
+
+
+def _step(model, opt, x, y):
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    return grads
+
+
+def _top_basis(F_dense, r):
+    """The top-``r`` eigenvectors of a dense factor (descending), as a ``(d, r)`` matrix."""
+    lam, Q = torch.linalg.eigh(F_dense)
+    return Q.flip(1)[:, :r]
+
+
+@pytest.mark.parametrize("factors", ["eigh", "projected"])
+def test_step_equals_dense_reference(factors):
+    """Two steps with the bases refreshed at each; at the second, per Kronecker layer,
+    Δ = Q [Qᵀm̂ / (√ŝ + ε)] + (I − P)[(I − P)m̂ / (√t̂ + ε)] with Q the kept columns of
+    Q_A ⊗ Q_G (all of them for eigh: P = I), s, t the running means of (Qᵀg)² and ((I − P)g)²,
+    and decoupled weight decay."""
+    torch.manual_seed(0)
+    model = _model()
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    lr, wd, (b1, b2), eps = 0.05, 0.1, (0.8, 0.9), 1e-8
+    rank = 2 if factors == "projected" else None
+    opt = KFAC(model, lr=lr, weight_decay=wd, factors=factors, inverse_every=1,
+               factor_options={"rank": rank} if rank else None,
+               eigen_adam={"betas": (b1, b2), "eps": eps})
+    pnames = {id(p): n for n, p in model.named_parameters()}
+    kron = {name: h for name, h in opt.layers.items() if len(opt.factors[name]) == 2}
+    assert len(kron) == 2  # both Linear layers
+
+    def bases():
+        out = {}
+        for name in kron:
+            A, G = opt.factors[name]
+            rA = A.dim if rank is None else A.eigen()[0].shape[1]
+            rG = G.dim if rank is None else G.eigen()[0].shape[1]
+            out[name] = kron_dense(_top_basis(A.to_dense(), rA), _top_basis(G.to_dense(), rG))
+        return out
+
+    g1 = _step(model, opt, x, y)
+    Q1 = bases()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g2 = _step(model, opt, x[:8], y[:8])
+    Q2 = bases()
+    params = dict(model.named_parameters())
+    for name, helper in kron.items():
+        names = [pnames[id(p)] for p in helper.params]
+
+        def mat(d, names=names, helper=helper):
+            return vec(helper.grad_matrix([d[n] for n in names]))
+
+        v1, v2 = mat(g1), mat(g2)
+        m_hat = ((1 - b1) * b1 * v1 + (1 - b1) * v2) / (1 - b1**2)
+        P1, P2 = Q1[name] @ Q1[name].T, Q2[name] @ Q2[name].T
+        eye = torch.eye(len(v1))
+        s = ((1 - b2) * b2 * (Q1[name].T @ v1) ** 2 + (1 - b2) * (Q2[name].T @ v2) ** 2)
+        t = ((1 - b2) * b2 * ((eye - P1) @ v1) ** 2 + (1 - b2) * ((eye - P2) @ v2) ** 2)
+        bc2 = 1 - b2**2
+        D = Q2[name] @ ((Q2[name].T @ m_hat) / ((s / bc2).sqrt() + eps))
+        if rank is not None:
+            D = D + (eye - P2) @ (((eye - P2) @ m_hat) / ((t / bc2).sqrt() + eps))
+        rows = helper.grad_matrix([params[n] for n in names]).shape[0]
+        expected = (1 - lr * wd) * helper.grad_matrix([before[n] for n in names]) \
+            - lr * unvec(D, rows)
+        got = helper.grad_matrix([params[n].detach() for n in names])
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)
+
+
+def test_parameters_outside_kronecker_blocks_follow_torch_adamw():
+    """precondition=False (and the LayerNorm's parameters always) take torch's AdamW step."""
+    torch.manual_seed(1)
+    model, twin = _model(), _model()
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    opt = KFAC(model, lr=0.01, weight_decay=0.1, eigen_adam=True, precondition=False)
+    ref = torch.optim.AdamW(twin.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8,
+                            weight_decay=0.1)
+    for _ in range(4):
+        _step(model, opt, x, y)
+        _step(twin, ref, x, y)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_lr_changes_the_trajectory_and_no_clip_is_recorded():
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    finals = []
+    for lr in (1e-3, 1e-2):
+        torch.manual_seed(2)
+        model = _model()
+        opt = KFAC(model, lr=lr, eigen_adam=True)
+        for _ in range(3):
+            _step(model, opt, x, y)
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert opt.diagnostics()["kl_clip"]["steps"] == 0  # the second moment sets the length
+    assert not torch.allclose(finals[0], finals[1])
+
+
+def test_checkpoint_resumes_exactly():
+    torch.manual_seed(3)
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    model = _model()
+    kw = dict(lr=1e-2, eigen_adam=True, factors="projected", factor_options={"rank": 2})
+    opt = KFAC(model, **kw)
+    _step(model, opt, x, y)
+    model2 = _model()
+    model2.load_state_dict(model.state_dict())
+    opt2 = KFAC(model2, **kw)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as torch.save / torch.load would
+    for _ in range(2):
+        _step(model, opt, x, y)
+        _step(model2, opt2, x, y)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"eigen_adam": "adam"}, "eigen_adam='adam'"),
+    ({"eigen_adam": {"beta": 0.9}}, "eigen_adam options"),
+    ({"eigen_adam": {"betas": (0.9, 1.0)}}, "betas"),
+    ({"eigen_adam": {"eps": 0.0}}, "eps"),
+    ({"eigen_adam": True, "kl_clip": 1e-3}, "kl_clip"),
+    ({"eigen_adam": True, "momentum": 0.9}, "momentum"),
+    ({"eigen_adam": True, "preconditioner": True}, "preconditioner"),
+    ({"eigen_adam": True, "graft": "adam"}, "graft"),
+    ({"eigen_adam": True, "factors": "cholesky"}, "factors='cholesky'"),
+])
+def test_bad_options_are_refused_by_name(kw, match):
+    with pytest.raises(ValueError, match=match):
+        KFAC(_model(), **kw)
+
+
+def test_options_coerce():
+    assert EigenAdamOptions.coerce(None) is None
+    assert EigenAdamOptions.coerce(False) is None
+    assert EigenAdamOptions.coerce(True) == EigenAdamOptions()
+    assert EigenAdamOptions.coerce({"betas": [0.5, 0.6]}).betas == (0.5, 0.6)
