@@ -162,7 +162,10 @@ class KroneckerCurvature:
 
         ``λ`` below the layer's damping floor (:mod:`.damping`: ``√eps · λ_max`` of its factors'
         precision) is raised to it, with one warning per curvature object; the floor of the
-        refresh is kept in :attr:`damping_floors` and applied by :meth:`solve` too."""
+        refresh is kept in :attr:`damping_floors` and applied by :meth:`solve` too (a spectral
+        refresh does not use ``λ``: the warning comes with the first solve that does, so a
+        user of the eigenbases alone, e.g. ``eigen_adam``, is not told about a damping it
+        does not use)."""
         block = self.blocks[name]
         if all(f.spectral or getattr(f, "diagonal", False) for f in block.factors):
             block.refresh(damping)  # a spectral refresh does not depend on λ; the solve does
@@ -171,7 +174,6 @@ class KroneckerCurvature:
             floor = damping_floor(block)
             block.refresh(self._floored(name, damping, floor))
         self.damping_floors[name] = floor  # (a failed refresh keeps the previous one)
-        self._floored(name, damping, floor)
 
     def forget_floor(self, name: str) -> None:
         """Drop layer ``name``'s cached damping floor (its state was replaced, e.g. received from
