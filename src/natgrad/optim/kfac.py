@@ -88,15 +88,24 @@ def _check_graft(graft: GraftOptions | None, kl_clip: Any, momentum: Any,
     ``ValueError`` for a clip, momentum or preconditioner mode with grafting."""
     if graft is None:
         return DEFAULT_KL_CLIP if isinstance(kl_clip, str) and kl_clip == "auto" else kl_clip
-    if not (kl_clip is None or (isinstance(kl_clip, str) and kl_clip == "auto")):
-        raise ValueError(f"invalid kl_clip={kl_clip!r} with graft: the graft decides the step "
-                         "length (expected 'auto' or None)")
-    if callable(momentum) or hyper.normalize("momentum", momentum) != 0:
-        raise ValueError(f"invalid momentum={momentum!r} with graft: Adam's beta1 is the "
-                         "momentum (expected 0)")
-    if preconditioner is True:
-        raise ValueError("invalid preconditioner=True with graft: grafting takes the step")
+    _refuse_step_options("graft", "the graft decides the step length", "Adam's beta1",
+                         "grafting", kl_clip, momentum, preconditioner)
     return None
+
+
+def _refuse_step_options(mode: str, length: str, beta1: str, taker: str, kl_clip: Any,
+                         momentum: Any, preconditioner: Any) -> None:
+    """``ValueError`` for a KL-clip, momentum or preconditioner mode beside a ``mode`` that sets
+    the step itself (``length``: what decides its length, ``beta1``: its momentum, ``taker``:
+    who takes the step)."""
+    if not (kl_clip is None or (isinstance(kl_clip, str) and kl_clip == "auto")):
+        raise ValueError(f"invalid kl_clip={kl_clip!r} with {mode}: {length} "
+                         "(expected 'auto' or None)")
+    if callable(momentum) or hyper.normalize("momentum", momentum) != 0:
+        raise ValueError(f"invalid momentum={momentum!r} with {mode}: {beta1} is the momentum "
+                         "(expected 0)")
+    if preconditioner is True:
+        raise ValueError(f"invalid preconditioner=True with {mode}: {taker} takes the step")
 
 
 def _check_eigen_adam(options: EigenAdamOptions | None, graft: GraftOptions | None,
@@ -108,14 +117,8 @@ def _check_eigen_adam(options: EigenAdamOptions | None, graft: GraftOptions | No
         return kl_clip
     if graft is not None:
         raise ValueError("invalid eigen_adam with graft: choose one (both set the step length)")
-    if not (kl_clip is None or (isinstance(kl_clip, str) and kl_clip == "auto")):
-        raise ValueError(f"invalid kl_clip={kl_clip!r} with eigen_adam: the second moment "
-                         "decides the step length (expected 'auto' or None)")
-    if callable(momentum) or hyper.normalize("momentum", momentum) != 0:
-        raise ValueError(f"invalid momentum={momentum!r} with eigen_adam: beta1 is the momentum "
-                         "(expected 0)")
-    if preconditioner is True:
-        raise ValueError("invalid preconditioner=True with eigen_adam: eigen_adam takes the step")
+    _refuse_step_options("eigen_adam", "the second moment decides the step length", "beta1",
+                         "eigen_adam", kl_clip, momentum, preconditioner)
     if not get_strategy(factors).spectral:
         raise ValueError(f"invalid factors={factors!r} with eigen_adam: it needs an eigenbasis "
                          "(expected 'eigh' or 'projected')")
