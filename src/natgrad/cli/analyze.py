@@ -1,8 +1,10 @@
 """``natgrad analyze``: matrix-free Fisher analysis of a fresh or trained model.
 
-Computes the exact trace, the top-k eigenpairs (Lanczos, with residuals), the SLQ spectral
-density, log det and effective dimension, per-layer blocks, and how well K-FAC (and projected
-K-FAC) approximate the Fisher. Writes ``report.json`` and PNG plots to ``--out``.
+Computes the exact trace, the top-k eigenpairs (with residuals), the spectral density, log det
+and effective dimension, per-layer blocks, and how well K-FAC (and projected K-FAC) approximate
+the Fisher. When the Fisher's N·R rows are fewer than its parameters (a wide network on a
+thousand samples) the spectrum is exact, from the rows' Gram matrix; otherwise Lanczos and SLQ
+(--spectrum). Writes ``report.json`` and PNG plots to ``--out``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="memory budget of the analysis in GiB (default: what the machine has "
                         "free, MemAvailable); the stages are planned under it, the plan is "
                         "printed, and a request that cannot fit fails at once with the plan")
+    p.add_argument("--spectrum", default="auto", choices=["auto", "gram", "lanczos"],
+                   help="gram: every eigenvalue exactly from the N·R × N·R Gram matrix of the "
+                        "Fisher's rows (needs them in --cache-mb); lanczos: products with F "
+                        "(top-k Lanczos, SLQ density); auto (default): gram when it is the "
+                        "smaller problem and fits")
     p.add_argument("--seed", type=int, default=0, help="initial weights and probes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -79,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
                             top_k=args.top_k, density=args.density, probes=args.probes,
                             slq_steps=args.slq_steps, damping=args.damping, tol=args.tol,
                             cache_mb=args.cache_mb, memory_gb=args.memory_gb,
+                            spectrum=args.spectrum,
                             threads=args.threads, seed=args.seed,
                             out=args.out, **kw)
     except ValueError as exc:

@@ -47,6 +47,8 @@ class AnalyzeConfig:
         memory_gb: the memory budget of the analysis in GiB (``None``: what the machine has
             free when it starts, :func:`natgrad.fisher.budget.available_bytes`); the stages are
             planned under it and a request that cannot fit fails before any large allocation.
+        spectrum: ``"auto"``, ``"gram"`` or ``"lanczos"``: where the spectrum comes from
+            (:data:`natgrad.fisher.analysis.SPECTRUM_METHODS`).
         threads: ``torch.set_num_threads``.
         seed: initial weights (fresh model) and probes.
         out: folder for ``report.json`` and the plots (``None``: write nothing).
@@ -68,6 +70,7 @@ class AnalyzeConfig:
     rank: int = ProjectedOptions.rank
     cache_mb: int = 1024
     memory_gb: float | None = None
+    spectrum: str = "auto"
     threads: int | None = None
     seed: int = 0
     out: str | Path | None = None
@@ -91,6 +94,13 @@ class AnalyzeConfig:
             raise ValueError(f"damping must be positive, got {self.damping}")
         if not 0 < self.tol < 1:
             raise ValueError(f"tol must be in (0, 1), got {self.tol}")
+        from ..fisher.analysis import SPECTRUM_METHODS
+
+        if self.spectrum not in SPECTRUM_METHODS:
+            raise ValueError(f"invalid spectrum={self.spectrum!r}: accepted values: "
+                             f"{list(SPECTRUM_METHODS)}")
+        if self.spectrum == "gram" and self.cache_mb == 0:
+            raise ValueError("spectrum 'gram' needs the rows in memory: cache_mb above 0")
         if self.fisher not in FISHER_TYPES:
             raise ValueError(f"invalid fisher={self.fisher!r}: accepted values: "
                              f"{list(FISHER_TYPES)}")
@@ -150,7 +160,7 @@ def run_analyze(cfg: AnalyzeConfig, say: Callable[[str], None] = print,
                          density=cfg.density, probes=cfg.probes, slq_steps=cfg.slq_steps,
                          damping=cfg.damping, tol=cfg.tol, projected_rank=cfg.rank,
                          seed=cfg.seed, cache=cfg.cache_mb > 0, cache_bytes=cfg.cache_mb << 20,
-                         progress=progress, memory_bytes=budget,
+                         progress=progress, memory_bytes=budget, spectrum=cfg.spectrum,
                          on_plan=lambda plan: say(plan.text()))
     except BudgetError as exc:
         origin = "--memory-gb" if cfg.memory_gb is not None else "the memory free now"
@@ -180,13 +190,19 @@ def report_text(r: dict[str, Any]) -> str:
     res = max(r["top_residuals"])
     lines.append(f"\ntrace {r['trace']['value']:.6g} (exact)   top-{len(r['top_eigenvalues'])} "
                  f"eigenvalues {', '.join(f'{v:.4g}' for v in r['top_eigenvalues'])} "
-                 f"(max rel. residual {res:.1e}, converged {r['top_converged']})")
+                 f"(max rel. residual {res:.1e}, converged {r['top_converged']}; "
+                 f"{r.get('spectrum', {}).get('method', 'lanczos')})")
     if r.get("logdet"):
         ld, ed = r["logdet"], r["effective_dimension"]
-        lines.append(f"log det(F + {r['damping']:g} I) {ld['value']:.6g} ± "
-                     f"{ld.get('error', ld['stderr']):.2g}   effective dimension "
-                     f"{ed['value']:.4g} ± {ed.get('error', ed['stderr']):.2g} (error bars: "
-                     "probe spread + quadrature error)")
+        if r.get("density", {}).get("exact"):
+            lines.append(f"log det(F + {r['damping']:g} I) {ld['value']:.9g}   effective "
+                         f"dimension {ed['value']:.6g} (exact: every eigenvalue, from the "
+                         "rows' Gram matrix)")
+        else:
+            lines.append(f"log det(F + {r['damping']:g} I) {ld['value']:.6g} ± "
+                         f"{ld.get('error', ld['stderr']):.2g}   effective dimension "
+                         f"{ed['value']:.4g} ± {ed.get('error', ed['stderr']):.2g} (error "
+                         "bars: probe spread + quadrature error)")
     for k, a in r["approximations"].items():
         e = a["relative_error"]
         lines.append(f"{k}: ‖(F − K)v‖/‖Fv‖ = {e['value']:.3g} ± {e['stderr']:.2g}, top-k "

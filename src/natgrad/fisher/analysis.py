@@ -23,7 +23,16 @@ from ..curvature import discover
 from ..factors import ProjectedOptions
 from ._memory import release_freed_memory
 from ._model import Data
-from .budget import AnalysisPlan, plan_analysis
+from .budget import AnalysisPlan, BudgetError, plan_analysis
+from .dual import (
+    GramEigenpairs,
+    exact_quadrature,
+    gram_eigenvalues,
+    gram_topk,
+    layer_grams,
+    lifted_overlap,
+    lifted_residuals,
+)
 from .ggn import EmpiricalFisher, ExactFisher, GGNOperator, MCFisher
 from .kfac import KFACOperator, layer_statistics, layer_traces, rows_and_statistics
 from .kron import kfac_logdet, kfac_top_eigenpairs, kfac_top_eigenvalues, kfac_trace
@@ -37,13 +46,20 @@ from .quality import (
     relative_error,
     subspace_overlap,
 )
-from .results import Estimate
-from .rows import rows_summary
+from .results import Eigenpairs, Estimate
+from .rows import RowFisher, rows_summary
 from .slq import effective_dimension, quadrature, slq_logdet, spectral_density
 
 FISHERS: dict[str, type[GGNOperator]] = {
     cls.fisher: cls for cls in (ExactFisher, MCFisher, EmpiricalFisher)
 }
+#: how ``analyze`` finds the spectrum: ``"gram"`` from the rows' Gram matrix
+#: (:mod:`natgrad.fisher.dual`), ``"lanczos"`` from products with ``F``, ``"auto"`` the Gram
+#: when the rows are in memory, ``N · R < P`` and it fits (:data:`GRAM_MAX_ROWS`)
+SPECTRUM_METHODS = ("auto", "gram", "lanczos")
+#: the largest ``N · R`` for which ``"auto"`` forms the Gram (``2 (N R)²`` floats: 1.6 GB at
+#: float32); ``"gram"`` goes beyond it
+GRAM_MAX_ROWS = 20_000
 
 
 def _est(e: Estimate) -> dict[str, Any]:
@@ -61,6 +77,38 @@ def _dense_top(op: GGNOperator, k: int) -> tuple[Tensor, Tensor, str]:
     values, vectors = theta.flip(0)[:k], Q.flip(1)[:, :k]
     res = (M @ vectors - vectors * values).norm(dim=0) / values.abs().clamp_min(1e-300)
     return values, res, "dense (per-sample rows)"
+
+
+def _gram_spectrum(rows: RowFisher, groups: dict[str, list[int]], top_k: int, tol: float,
+                   seed: int, dense_block_max: int, all_values: bool
+                   ) -> tuple[GramEigenpairs, Tensor | None, dict[str, GramEigenpairs]]:
+    """The top-``k`` eigenpairs of ``F`` from its rows' Gram, every eigenvalue when
+    ``all_values``, and the top eigenpairs of the layers' blocks (``groups``) with more than
+    ``dense_block_max`` parameters and more of them than rows. One layer's Gram is alive
+    besides the sum (``2 n²`` floats); LAPACK's copy of the sum comes once the layers' are
+    gone."""
+    n, N = rows.num_samples * rows.rows_per_sample, rows.num_samples
+    sizes = {name: sum(rows.sizes[i] for i in idx) for name, idx in groups.items()}
+    wanted = {name for name, d in sizes.items() if d > dense_block_max and n < d}
+    layer_tops: dict[str, GramEigenpairs] = {}
+    claimed = [i for idx in groups.values() for i in idx]
+    if len(claimed) == len(set(claimed)):  # the layers' Grams add up to the whole one
+        K = None
+        for name, S in layer_grams(rows, groups):
+            if name in wanted:
+                layer_tops[name] = gram_topk(S, N, min(top_k, sizes[name]), tol, seed)
+            K = S if K is None else K.add_(S)
+            del S
+    else:  # layers share parameters: the whole Gram, then each wanted layer's on its own
+        K = rows.row_gram()
+        for name in wanted:
+            S = rows.restrict([rows.names[i] for i in groups[name]]).row_gram()
+            layer_tops[name] = gram_topk(S, N, min(top_k, sizes[name]), tol, seed)
+            del S
+    release_freed_memory()
+    eigenvalues = gram_eigenvalues(K, N) if all_values else None
+    top = gram_topk(K, N, top_k, tol, seed)
+    return top, eigenvalues, layer_tops
 
 
 def analyze(
@@ -85,6 +133,7 @@ def analyze(
     output_key: str | int | None = None,
     memory_bytes: int | None = None,
     on_plan: Callable[[AnalysisPlan], None] = lambda plan: None,
+    spectrum: str = "auto",
 ) -> dict[str, Any]:
     """Analyse the Fisher of ``model`` on ``data``; returns a JSON-ready dict (see the README).
 
@@ -113,7 +162,22 @@ def analyze(
     ``memory_plan``; :class:`~natgrad.fisher.budget.BudgetError` when the request cannot fit.
     ``None``: no plan (plain Lanczos with a basis of up to ``max(4k, 60, slq_steps)`` vectors,
     SLQ bases capped by ``cache_bytes``).
+
+    ``spectrum`` (:data:`SPECTRUM_METHODS`): ``"gram"`` takes the spectrum from the rows' Gram
+    matrix ``K = UUᵀ/N`` (``n = N·R`` square, :mod:`natgrad.fisher.dual`): every eigenvalue
+    exactly (density, log det and effective dimension exact, no probes), the top-``k`` and the
+    large layers' top eigenpairs from products with ``K`` (their residuals measured against
+    ``F`` with the lifted vectors), the overlaps without forming the top vectors; it needs the
+    rows in memory (``cache=True`` within ``cache_bytes``) and pays ``2 n²`` floats. ``"lanczos"``
+    multiplies by ``F`` (the stages above). ``"auto"`` (default): the Gram when the rows are
+    held, ``n < P``, ``n ≤`` :data:`GRAM_MAX_ROWS` and (under a budget) it fits.
     """
+    if spectrum not in SPECTRUM_METHODS:
+        raise ValueError(f"spectrum must be one of {', '.join(SPECTRUM_METHODS)}, got "
+                         f"{spectrum!r}")
+    if spectrum == "gram" and not cache:
+        raise ValueError("spectrum='gram' needs the rows of B_n J_n in memory: cache=True "
+                         "(natgrad analyze: --cache-mb above 0)")
     timings: dict[str, float] = {}
     report: dict[str, Any] = {}
 
@@ -179,6 +243,13 @@ def analyze(
     del stats, kfac_stats  # the sums are in the factors now (dense ones: one d × d each)
     done("kfac")
 
+    if spectrum == "gram" and rows is None:
+        raise ValueError("spectrum='gram' needs the rows of B_n J_n in memory, and they need "
+                         f"more than cache_bytes = {cache_bytes} (natgrad analyze: a larger "
+                         "--cache-mb), or use spectrum='auto' / 'lanczos'")
+    n_rows = rows.num_samples * rows.rows_per_sample if rows is not None else 0
+    use_gram = rows is not None and n_rows < op.dim and (
+        spectrum == "gram" or (spectrum == "auto" and n_rows <= GRAM_MAX_ROWS))
     plan = None
     if memory_bytes is not None:
         # the stages from here on; what the trace and K-FAC stages left is held throughout
@@ -186,16 +257,40 @@ def analyze(
         held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         held += rows.nbytes if rows is not None else (cache_bytes or 0) if cache else 0
         held += sum(b.state_bytes() for K in approx_ops.values() for b in K.blocks.values())
-        plan = plan_analysis(op.dim, item, held, memory_bytes, top_k=top_k,
-                             probes=probes, slq_steps=slq_steps, density=density)
+
+        def make_plan(gram_rows: int | None) -> AnalysisPlan:
+            return plan_analysis(op.dim, item, held, memory_bytes, top_k=top_k, probes=probes,
+                                 slq_steps=slq_steps, density=density, gram_rows=gram_rows)
+        if use_gram and spectrum == "auto":
+            try:
+                plan = make_plan(n_rows)
+            except BudgetError:  # the Gram does not fit: Lanczos on F, its own plan
+                use_gram = False
+        if plan is None:
+            plan = make_plan(n_rows if use_gram else None)
         on_plan(plan)
         report["memory_plan"] = plan.as_dict()
     lanczos_kw: dict[str, Any] = {} if plan is None else {
         "max_basis": plan.max_basis, "basis_dtype": plan.basis_dtype}
 
+    names = list(layers)
+    layer_tops: dict[str, GramEigenpairs] = {}
+    eigenvalues = None
     stage("top_k")
-    min_steps = (slq_steps if density else 0) if plan is None else plan.min_steps
-    top = lanczos_topk(op, k=top_k, tol=tol, seed=seed, min_steps=min_steps, **lanczos_kw)
+    if use_gram:
+        assert isinstance(op, RowFisher)
+        top, eigenvalues, layer_tops = _gram_spectrum(
+            op, {n: groups[n] for n in names}, top_k, tol, seed, dense_block_max, density)
+        report["spectrum"] = {"method": top.method, "rows": n_rows}
+        residuals = lifted_residuals(op, op, top)
+        top = Eigenpairs(values=top.values, vectors=top.dual, residuals=residuals,
+                         converged=bool((residuals <= tol).all()), steps=top.steps + len(residuals),
+                         tol=tol, smallest_ritz=float(eigenvalues[0]) if eigenvalues is not None
+                         else float("nan"))
+    else:
+        report["spectrum"] = {"method": "lanczos (products with F)"}
+        min_steps = (slq_steps if density else 0) if plan is None else plan.min_steps
+        top = lanczos_topk(op, k=top_k, tol=tol, seed=seed, min_steps=min_steps, **lanczos_kw)
     report["top_eigenvalues"] = top.values.tolist()
     report["top_residuals"] = top.residuals.tolist()
     report["top_converged"] = top.converged
@@ -216,28 +311,35 @@ def analyze(
         pairs = kfac_top_eigenpairs(K, top_k)
         kvectors = pairs[1] if pairs is not None else lanczos_topk(
             K, k=top_k, tol=tol, seed=seed, **lanczos_kw).vectors
-        overlaps[key] = subspace_overlap(top.vectors, kvectors)
+        overlaps[key] = (lifted_overlap(op, GramEigenpairs(top.values, top.vectors, 0, ""),
+                                        kvectors) if use_gram else
+                         subspace_overlap(top.vectors, kvectors))
         del kvectors, pairs
     top = replace(top, vectors=top.vectors.new_empty(0, top.vectors.shape[1]))
     done("top_k")
 
     if density:
         stage("density")
-        # the top-k run started from a Gaussian vector: an unbiased SLQ probe when long enough
-        reuse = top.alpha is not None and top.alpha.numel() >= min(slq_steps, op.dim)
-        runs = [(top.alpha, top.beta)] if reuse else []
-        slq_kw: dict[str, Any] = {"max_basis_bytes": cache_bytes} if plan is None else {
-            "batch": plan.slq_batch, "reorthogonalize": plan.slq_reorthogonalize}
-        quad = quadrature(op, probes=probes, steps=slq_steps, seed=seed + 1, runs=runs,
-                          **slq_kw)
+        runs = []
+        if eigenvalues is not None:  # the whole spectrum: exact, no probes
+            quad = exact_quadrature(eigenvalues, op.dim)
+        else:
+            # the top-k run started from a Gaussian vector: an unbiased SLQ probe when long
+            reuse = top.alpha is not None and top.alpha.numel() >= min(slq_steps, op.dim)
+            runs = [(top.alpha, top.beta)] if reuse else []
+            slq_kw: dict[str, Any] = {"max_basis_bytes": cache_bytes} if plan is None else {
+                "batch": plan.slq_batch, "reorthogonalize": plan.slq_reorthogonalize}
+            quad = quadrature(op, probes=probes, steps=slq_steps, seed=seed + 1, runs=runs,
+                              **slq_kw)
         dens = spectral_density(quad=quad, num_points=400, log_grid=True)
         report["logdet"] = _est(slq_logdet(quad=quad, damping=damping))
         report["effective_dimension"] = _est(effective_dimension(quad=quad, z=damping))
         report["density"] = {"grid": dens.grid.tolist(), "density": dens.density.tolist(),
                              "sigma_log10": dens.sigma, "grid_scale": "log10",
                              "nodes": quad.nodes.tolist(), "weights": quad.weights.tolist(),
-                             "probes": probes, "steps": slq_steps,
-                             "probes_from_top_k_run": len(runs)}
+                             "probes": 0 if quad.exact else probes,
+                             "steps": 0 if quad.exact else slq_steps,
+                             "probes_from_top_k_run": len(runs), "exact": quad.exact}
         done("density")
     else:
         report["logdet"] = report["effective_dimension"] = None
@@ -245,7 +347,6 @@ def analyze(
     stage("approximation")
     # one probe at a time (its products, the blocks' and every approximation's errors), so
     # that a handful of vectors of P are alive whatever the number of probes
-    names = list(layers)
     gen = torch.Generator().manual_seed(seed + 2)
     per_probe: dict[Any, list[float]] = {}
     for _ in range(probes):
@@ -253,9 +354,13 @@ def analyze(
                             V=gaussian_probes(op, 1, generator=gen))
         values = {"coupling": coupling_strength(bp)}
         for key, K in approx_ops.items():
-            values[key] = relative_error(op, K, V=bp.V, FV=bp.FV)
-            values.update({(b, key): block_relative_error(op, bp, b, K)
+            # K is block diagonal over these layers: its product on the whole probe holds
+            # every block's product on the masked probe
+            KV = K @ bp.V.to(K.dtype)
+            values[key] = relative_error(op, K, V=bp.V, FV=bp.FV, AV=KV)
+            values.update({(b, key): block_relative_error(op, bp, b, K, AV=KV)
                            for b in range(len(names))})
+            del KV
         del bp
         for what, est in values.items():
             per_probe.setdefault(what, []).append(est.value)
@@ -284,7 +389,13 @@ def analyze(
     for b, name in enumerate(names):
         blk = op.block(name)
         k = min(top_k, blk.dim)
-        if blk.dim <= dense_block_max:
+        if name in layer_tops:
+            pairs = layer_tops[name]
+            assert isinstance(blk, RowFisher)
+            values, residuals, method = pairs.values, lifted_residuals(blk, blk, pairs), \
+                pairs.method
+            all_converged &= bool((residuals <= tol).all())
+        elif blk.dim <= dense_block_max:
             values, residuals, method = _dense_top(blk, k)
         else:
             lt = lanczos_topk(blk, k=k, tol=tol, seed=seed, **lanczos_kw)

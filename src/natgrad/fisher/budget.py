@@ -28,7 +28,14 @@ approximation         one probe at a time: ``v, F v, D v``, one       —
 layers                the block's basis (``≤ b + 1`` of ``P_ℓ``)      (as top_k)
 ====================  ==============================================  ===========================
 
-plus :data:`PRODUCT_VECTORS` for one product's temporaries everywhere. When even the smallest
+plus :data:`PRODUCT_VECTORS` for one product's temporaries everywhere.
+
+With the spectrum from the rows' Gram matrix (``gram_rows = n = N·R``, :mod:`natgrad.fisher.dual`)
+the top-``k`` stage holds two ``n × n`` matrices (the Gram's sum and one layer's, or the sum and
+LAPACK's copy) and then, one at a time, a lifted eigenvector, its product and the
+approximations' ``k`` top eigenvectors; the density is exact (no vectors of ``P``); the layers
+hold one lifted vector and its product (a Lanczos basis only for layers narrower than ``n``,
+of vectors shorter than ``n``). When even the smallest
 configuration does not fit, :func:`plan_analysis` raises :class:`BudgetError` with the plan
 and the budget that would fit (``natgrad analyze --memory-gb``).
 """
@@ -86,6 +93,8 @@ class AnalysisPlan:
         slq_reorthogonalize: whether the SLQ runs keep their basis.
         slq_batch: SLQ runs made together.
         stages: stage → peak bytes (fixed part included).
+        gram_rows: ``n = N·R`` when the spectrum comes from the rows' Gram matrix, else
+            ``None``.
     """
 
     budget: int
@@ -98,6 +107,7 @@ class AnalysisPlan:
     slq_reorthogonalize: bool
     slq_batch: int
     stages: dict[str, int] = field(default_factory=dict)
+    gram_rows: int | None = None
 
     @property
     def peak(self) -> int:
@@ -110,13 +120,19 @@ class AnalysisPlan:
         lines = [f"memory plan: budget {_gb(self.budget)}, peak {_gb(self.peak)} "
                  f"({self.peak / P:.0f} bytes/parameter for {P:,} parameters); fixed "
                  f"{_gb(self.fixed)} (model, rows / cached passes, K-FAC factors)",
-                 f"  top-k Lanczos: basis of {self.max_basis} vectors "
-                 f"({str(self.basis_dtype).replace('torch.', '')})"
-                 + (f", first cycle {self.min_steps} steps reused as an SLQ probe"
-                    if self.min_steps else ""),
-                 f"  SLQ: {self.slq_batch} run(s) at a time, "
-                 + ("basis kept (full reorthogonalisation)" if self.slq_reorthogonalize else
-                    "streamed (three-term recurrence, no basis kept)")]
+                 ]
+        if self.gram_rows is not None:
+            n = self.gram_rows
+            lines.append(f"  spectrum: the rows' Gram matrix, {n:,} x {n:,} (two held: "
+                         f"{_gb(2 * n * n * self.item)}); exact eigenvalues, no SLQ probes")
+        else:
+            lines += [f"  top-k Lanczos: basis of {self.max_basis} vectors "
+                      f"({str(self.basis_dtype).replace('torch.', '')})"
+                      + (f", first cycle {self.min_steps} steps reused as an SLQ probe"
+                         if self.min_steps else ""),
+                      f"  SLQ: {self.slq_batch} run(s) at a time, "
+                      + ("basis kept (full reorthogonalisation)" if self.slq_reorthogonalize
+                         else "streamed (three-term recurrence, no basis kept)")]
         lines += [f"  {name:<14} {_gb(b):>10}" for name, b in self.stages.items()]
         return "\n".join(lines)
 
@@ -126,11 +142,13 @@ class AnalysisPlan:
                 "bytes_per_parameter": self.peak / self.params, "max_basis": self.max_basis,
                 "basis_dtype": str(self.basis_dtype).replace("torch.", ""),
                 "min_steps": self.min_steps, "slq_reorthogonalize": self.slq_reorthogonalize,
-                "slq_batch": self.slq_batch, "stages_bytes": dict(self.stages)}
+                "slq_batch": self.slq_batch, "gram_rows": self.gram_rows,
+                "stages_bytes": dict(self.stages)}
 
 
 def plan_analysis(params: int, item: int, fixed: int, budget: int, top_k: int = 10,
-                  probes: int = 4, slq_steps: int = 40, density: bool = True) -> AnalysisPlan:
+                  probes: int = 4, slq_steps: int = 40, density: bool = True,
+                  gram_rows: int | None = None) -> AnalysisPlan:
     """The configuration of the analysis' stages within ``budget`` bytes.
 
     The peak is set by the top-``k`` basis: the longest basis from ``2k + 4`` down to ``k + 2``
@@ -147,6 +165,8 @@ def plan_analysis(params: int, item: int, fixed: int, budget: int, top_k: int = 
             K-FAC approximations' factors).
         budget: bytes allowed for the whole analysis.
         top_k, probes, slq_steps, density: as :func:`~natgrad.fisher.analysis.analyze`.
+        gram_rows: ``n = N·R`` when the spectrum comes from the rows' Gram matrix (then the
+            top-``k`` and density stages follow the module docstring's last paragraph).
 
     Raises:
         BudgetError: the smallest configuration does not fit; the message names
@@ -157,14 +177,23 @@ def plan_analysis(params: int, item: int, fixed: int, budget: int, top_k: int = 
     dtype = torch.float64 if item == 8 else torch.float32
 
     def stages(basis: int, min_steps: int, reorth: bool, batch: int) -> dict[str, int]:
-        held = max(basis + 1, min_steps + 1, 2 * k) * vec
-        out = {"trace": fixed + (2 + PRODUCT_VECTORS) * vec,
-               "top_k": fixed + held + (2 + PRODUCT_VECTORS) * vec}
-        if density:
-            per_run = (slq_steps if reorth else 3) * vec
-            out["density"] = fixed + batch * (per_run + vec) + (1 + PRODUCT_VECTORS) * vec
+        out = {"trace": fixed + (2 + PRODUCT_VECTORS) * vec}
+        if gram_rows is not None:
+            n = gram_rows
+            out["top_k"] = fixed + max(2 * n * n * item + 2 * (basis + 1) * n * 8,
+                                       (k + 2 + PRODUCT_VECTORS) * vec)
+            if density:
+                out["density"] = fixed + 2 * n * 8
+        else:
+            held = max(basis + 1, min_steps + 1, 2 * k) * vec
+            out["top_k"] = fixed + held + (2 + PRODUCT_VECTORS) * vec
+            if density:
+                per_run = (slq_steps if reorth else 3) * vec
+                out["density"] = fixed + batch * (per_run + vec) + (1 + PRODUCT_VECTORS) * vec
         out["approximation"] = fixed + (6 + PRODUCT_VECTORS) * vec
-        out["layers"] = fixed + (basis + 1) * vec + (2 + PRODUCT_VECTORS) * vec
+        # with the Gram, Lanczos runs only on layers narrower than n (vectors shorter than n)
+        width = vec if gram_rows is None else min(vec, gram_rows * item)
+        out["layers"] = fixed + (basis + 1) * width + (2 + PRODUCT_VECTORS) * vec
         return out
 
     smallest = stages(min(k + 2, params), 0, False, 1)
@@ -173,7 +202,7 @@ def plan_analysis(params: int, item: int, fixed: int, budget: int, top_k: int = 
                    <= budget), None)
     if chosen is None:
         plan = AnalysisPlan(budget, params, item, fixed, min(k + 2, params), dtype, 0, False,
-                            1, smallest)
+                            1, smallest, gram_rows)
         need = max(smallest.values())
         raise BudgetError(
             f"the analysis of {params:,} parameters needs at least {_gb(need)} but the "
@@ -188,7 +217,9 @@ def plan_analysis(params: int, item: int, fixed: int, budget: int, top_k: int = 
 
     min_steps = slq_steps if density and under(stages(basis, slq_steps, False, 1)) else 0
     reorth, batch = False, 1
-    if density:
+    if gram_rows is not None:
+        min_steps = 0
+    elif density:
         for b in range(min(probes, 4), 0, -1):
             if under(stages(basis, min_steps, True, b)):
                 reorth, batch = True, b
@@ -197,4 +228,4 @@ def plan_analysis(params: int, item: int, fixed: int, budget: int, top_k: int = 
             batch = max([b for b in range(1, min(probes, 4) + 1)
                          if under(stages(basis, min_steps, False, b))] or [1])
     return AnalysisPlan(budget, params, item, fixed, basis, dtype, min_steps, reorth, batch,
-                        stages(basis, min_steps, reorth, batch))
+                        stages(basis, min_steps, reorth, batch), gram_rows)

@@ -50,14 +50,15 @@ def gaussian_probes(op: LinearOperator, probes: int, seed: int = 0,
 
 
 def relative_error(op: LinearOperator, approx: LinearOperator, probes: int = 10,
-                   seed: int = 0, V: Tensor | None = None, FV: Tensor | None = None) -> Estimate:
+                   seed: int = 0, V: Tensor | None = None, FV: Tensor | None = None,
+                   AV: Tensor | None = None) -> Estimate:
     """``‖(F − F̃) v‖ / ‖F v‖`` over Gaussian probes ``v``: mean ± stderr.
 
-    ``V``, ``FV``: reuse probes and their exact products.
+    ``V``, ``FV``, ``AV``: reuse probes and their exact and approximate products.
     """
     V = gaussian_probes(op, probes, seed) if V is None else V
     FV = (op @ V) if FV is None else FV
-    AV = (approx @ V.to(approx.dtype)).to(FV.dtype)
+    AV = (approx @ V.to(approx.dtype) if AV is None else AV).to(FV.dtype)
     return estimate(column_norms(FV, AV) / column_norms(FV))
 
 
@@ -122,10 +123,15 @@ def coupling_strength(bp: BlockProducts) -> Estimate:
 
 
 def block_relative_error(op: LinearOperator, bp: BlockProducts, block: int,
-                         approx: LinearOperator) -> Estimate:
+                         approx: LinearOperator, AV: Tensor | None = None) -> Estimate:
     """``‖(F_ℓℓ − F̃_ℓℓ) v_ℓ‖ / ‖F_ℓℓ v_ℓ‖`` for block ``block`` of ``bp`` (F̃ is applied to the
-    masked probes, so any block-diagonal or full approximation works)."""
+    masked probes, so any block-diagonal or full approximation works).
+
+    ``AV``: ``F̃ V`` on the whole probes, for an ``F̃`` that is block diagonal over ``bp``'s
+    groups (no coupling between the block and the other parameters): then its rows of the
+    block are the product on the masked probes, and no product is made."""
     m = _mask(op, bp.groups[block])
-    AV = (approx @ (bp.V * m[:, None]).to(approx.dtype)).to(bp.DV.dtype)[m]
+    AV = (approx @ (bp.V * m[:, None]).to(approx.dtype) if AV is None else AV).to(
+        bp.DV.dtype)[m]
     F = bp.DV[m]
     return estimate(column_norms(F, AV) / column_norms(F))

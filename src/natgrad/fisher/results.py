@@ -78,7 +78,8 @@ class Quadrature:
 
     ``tr f(F) ≈ P · mean_i Σ_j τ_{ij} f(θ_{ij})``. ``nodes``, ``weights``: ``(probes, steps)``;
     ``coarse_nodes``, ``coarse_weights``: the same from the first ``⌈steps/2⌉`` Lanczos steps of
-    the same runs (the quadrature-error estimate).
+    the same runs (the quadrature-error estimate). ``exact``: one row holding the whole
+    spectrum (:func:`natgrad.fisher.dual.exact_quadrature`): ``tr f(F)`` from it is exact.
     """
 
     nodes: Tensor
@@ -86,6 +87,7 @@ class Quadrature:
     dim: int
     coarse_nodes: Tensor | None = None
     coarse_weights: Tensor | None = None
+    exact: bool = False
 
 
 @dataclass(frozen=True)

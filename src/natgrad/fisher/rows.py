@@ -63,6 +63,9 @@ class _Block:
     def gram(self) -> Tensor:  # (P_ℓ, P_ℓ) float64: UᵀU of the block
         raise NotImplementedError
 
+    def row_gram(self) -> Tensor:  # (N R, N R) in the rows' dtype: U Uᵀ of the block
+        raise NotImplementedError
+
 
 @dataclass
 class _DenseBlock(_Block):
@@ -79,6 +82,10 @@ class _DenseBlock(_Block):
     def gram(self) -> Tensor:
         U = self.U.reshape(-1, self.U.shape[2]).double()
         return U.T @ U
+
+    def row_gram(self) -> Tensor:
+        U = self.U.reshape(-1, self.U.shape[2])
+        return U @ U.T
 
     def diagonal(self) -> Tensor:
         step = max(1, (1 << 24) // max(1, self.U[0].numel()))  # no (N, R, P_ℓ) temporary
@@ -139,6 +146,15 @@ class _KronBlock(_Block):
         M = out.reshape(dg, dg, da, da).permute(0, 2, 1, 3).reshape(dg * da, dg * da)
         perm = self._columns(torch.arange(dg * da, device=M.device).reshape(1, dg, da))[:, 0]
         return M[perm][:, perm]
+
+    def row_gram(self) -> Tensor:
+        """``U Uᵀ`` of this block ``(N R, N R)``: row ``(n, r)`` is ``g_{n,r} ⊗ ā_n``, so the
+        entry is ``(g_{n,r} · g_{m,s}) (ā_n · ā_m)``: one ``(N R) × d_G`` Gram product and one
+        ``N × d_A`` one, multiplied in place (no ``(N R, P_ℓ)`` rows formed)."""
+        N, R, dg = self.G.shape
+        S = self.G.reshape(N * R, dg) @ self.G.reshape(N * R, dg).T
+        S.view(N, R, N, R).mul_((self.A @ self.A.T)[:, None, :, None])
+        return S
 
     def dense_rows(self) -> Tensor:
         N, R, dg = self.G.shape
@@ -271,12 +287,36 @@ class RowFisher(LinearOperator):
                    for t in b.__dict__.values() if isinstance(t, Tensor) and t.is_floating_point())
 
     # ------------------------------------------------------------------ products
-    def _matmat(self, V: Tensor) -> Tensor:
-        u = sum(b.apply(V[b.cols]) for b in self.blocks)
-        out = torch.zeros_like(V)
+    @property
+    def rows_per_sample(self) -> int:
+        """``R``: rows of the output factor per sample (``U`` has ``N · R`` rows)."""
+        b = self.blocks[0]
+        return (b.G if isinstance(b, _KronBlock) else b.U).shape[1]
+
+    def apply_rows(self, V: Tensor) -> Tensor:
+        """``U V`` for columns ``V (P, k)``: ``(N, R, k)``."""
+        return sum(b.apply(V[b.cols]) for b in self.blocks)
+
+    def apply_rows_t(self, u: Tensor) -> Tensor:
+        """``Uᵀ u`` for ``u (N, R, k)``: ``(P, k)``."""
+        out = torch.zeros(self.dim, u.shape[2], dtype=self.dtype, device=self.device)
         for b in self.blocks:
             out[b.cols] = b.apply_t(u)
-        return out.div_(self.num_samples)  # in place: no second (P, k) result
+        return out
+
+    def row_gram(self) -> Tensor:
+        """``U Uᵀ`` ``(N R, N R)`` in the rows' dtype, block by block (one block's Gram alive
+        besides the sum): ``F = UᵀU / N`` and ``U Uᵀ / N`` have the same nonzero eigenvalues
+        (:mod:`natgrad.fisher.dual`)."""
+        total = None
+        for b in self.blocks:
+            S = b.row_gram()
+            total = S if total is None else total.add_(S)
+            del S
+        return total
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.apply_rows_t(self.apply_rows(V)).div_(self.num_samples)  # in place
 
     def diagonal(self) -> Tensor:
         """The exact diagonal ``(P,)``."""

@@ -85,6 +85,8 @@ def trace_function(quad: Quadrature, fn: Callable[[Tensor], Tensor]) -> Estimate
     quadrature converges fast in the steps). ``Estimate.error = stderr + bias`` is the error
     bar to report (``tests/fisher/test_estimators.py`` checks that it covers the true value)."""
     per_probe = quad.dim * (quad.weights * fn(quad.nodes)).sum(1)
+    if quad.exact:  # the whole spectrum (natgrad.fisher.dual): no probes, no quadrature error
+        return Estimate(float(per_probe.sum()), 0.0, 0, exact=True)
     n = per_probe.numel()
     se = float(per_probe.std()) / math.sqrt(n) if n > 1 else math.inf
     value = float(per_probe.mean())
