@@ -103,8 +103,11 @@ def race_md(doc: Mapping[str, Any]) -> str:
             f"{', '.join(map(str, cfg['seeds']))}, the optimizers taking turns step by step, "
             f"{cfg['threads']} thread; validation every {cfg['eval_every']} steps on "
             f"{cfg['eval_samples']} samples. Target validation loss {num(summ['target'], 4)} "
-            f"({summ['target_source']}). *× AdamW*, *× Muon*: AdamW's (Muon's) own time to the "
-            "target over this optimizer's, per seed (above 1: sooner). *clip bound*: share of natgrad's steps "
+            f"({summ['target_source']}). "
+            + ("*× AdamW*, *× Muon*: AdamW's (Muon's)" if len(reference_columns(summ)) > 1
+               else "*× AdamW*: AdamW's")
+            + " own time to the target over this optimizer's, per seed (above 1: sooner). "
+            "*clip bound*: share of natgrad's steps "
             f"whose KL-clip set the step length. Load average at the end "
             f"{res['load_average_end']}."
             + (f" Not raced (missing): {', '.join(res['missing'])}." if res.get("missing")
