@@ -6,7 +6,9 @@ seed; validation loss (512 samples) and own ms per step every 50 steps.
         "eigenadam:lr=3e-3,eigen_adam=dict(betas=(0.9,0.99))" "eigenadam:lr=3e-3,fisher='empirical'"
 
 Each spec is ``registry name:keyword arguments`` (Python syntax, passed to the optimizer's
-factory). Only ratios within one run mean anything on a shared machine.
+factory; ``ramp(early, late, switch)`` is the schedule ``step -> early if step < switch else
+late``, e.g. ``inverse_every=ramp(10, 25, 200)``). Only ratios within one run mean anything on a
+shared machine.
 """
 
 from __future__ import annotations
@@ -20,9 +22,19 @@ import torch
 from natgrad.bench.race import RaceConfig, Runner, load_task
 
 
+class Ramp:
+    """The schedule ``step -> early if step < switch else late``."""
+
+    def __init__(self, early: int, late: int, switch: int) -> None:
+        self.early, self.late, self.switch = early, late, switch
+
+    def __call__(self, step: int) -> int:
+        return self.early if step < self.switch else self.late
+
+
 def parse(spec: str) -> tuple[str, dict]:
     """``"name:k=v,k2=v2"`` → ``(name, {k: v, ...})`` (values are Python literals, ``dict(...)``
-    allowed)."""
+    and ``ramp(early, late, switch)`` allowed)."""
     name, _, rest = spec.partition(":")
     kw = {}
     if rest:
@@ -31,6 +43,8 @@ def parse(spec: str) -> tuple[str, dict]:
             v = k.value
             if isinstance(v, ast.Call) and getattr(v.func, "id", "") == "dict":
                 kw[k.arg] = {kk.arg: ast.literal_eval(kk.value) for kk in v.keywords}
+            elif isinstance(v, ast.Call) and getattr(v.func, "id", "") == "ramp":
+                kw[k.arg] = Ramp(*(ast.literal_eval(a) for a in v.args))
             else:
                 kw[k.arg] = ast.literal_eval(v)
     return name, kw

@@ -54,6 +54,22 @@ def test_time_to_target_and_ratios_to_adamw():
     summ = summarize(cfg, seeds, target=2.7)
     assert summ["optimizers"]["sgd"]["speedup_vs_adamw_time"] == {
         "mean": 3.0, "min": 2.0, "max": 4.0, "n": 2}  # AdamW 4 s against 1 s and 2 s
+    assert "speedup_vs_muon_time" not in summ["optimizers"]["sgd"]  # Muon not raced
+
+
+def test_ratios_to_muon_when_it_is_raced():
+    def run(curve):
+        return {"curve": curve, "final_validation_loss": 2.0, "final_test_loss": 2.0,
+                "step_ms": 1.0, "clip_bound_fraction": None}
+
+    cfg = RaceConfig(optimizers=("adamw", "muon", "sgd"), seeds=(0, 1))
+    seeds = {s: {"adamw": run([[0, 0, 3], [10, 4.0, 2.0]]),
+                 "muon": run([[0, 0, 3], [5, 2.0, 2.0]]),
+                 "sgd": run([[0, 0, 3], [4, 1.0 + s, 2.0]])} for s in (0, 1)}
+    sgd = summarize(cfg, seeds, target=2.5)["optimizers"]["sgd"]
+    assert sgd["speedup_vs_muon_time"] == {"mean": 1.5, "min": 1.0, "max": 2.0, "n": 2}
+    assert sgd["speedup_vs_muon_steps"]["mean"] == 1.25  # Muon 5 steps against 4
+    assert sgd["speedup_vs_adamw_time"]["max"] == 4.0
 
 
 @pytest.mark.parametrize("kl_clip, bound", [(1e-8, 1.0), (1e6, 0.0)])

@@ -44,19 +44,22 @@ def _top_basis(F_dense, r):
     return Q.flip(1)[:, :r]
 
 
-@pytest.mark.parametrize("factors", ["eigh", "projected"])
-def test_step_equals_dense_reference(factors):
+@pytest.mark.parametrize("factors, factor_options", [
+    ("eigh", None), ("projected", {"rank": 2}), ("eigh", {"refresh": "power"})])
+def test_step_equals_dense_reference(factors, factor_options):
     """Two steps with the bases refreshed at each; at the second, per Kronecker layer,
     Δ = Q [Qᵀm̂ / (√ŝ + ε)] + (I − P)[(I − P)m̂ / (√t̂ + ε)] with Q the kept columns of
     Q_A ⊗ Q_G (all of them for eigh: P = I), s, t the running means of (Qᵀg)² and ((I − P)g)²,
-    and decoupled weight decay."""
+    and decoupled weight decay. The power refresh (SOAP's) sees the factors of the first step
+    again at the second (statistics every 2 steps), where its basis is exact."""
     torch.manual_seed(0)
     model = _model()
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     lr, wd, (b1, b2), eps = 0.05, 0.1, (0.8, 0.9), 1e-8
-    rank = 2 if factors == "projected" else None
+    rank = (factor_options or {}).get("rank")
+    power = (factor_options or {}).get("refresh") == "power"
     opt = KFAC(model, lr=lr, weight_decay=wd, factors=factors, inverse_every=1,
-               factor_options={"rank": rank} if rank else None,
+               curvature_every=2 if power else 1, factor_options=factor_options,
                eigen_adam={"betas": (b1, b2), "eps": eps})
     pnames = {id(p): n for n, p in model.named_parameters()}
     kron = {name: h for name, h in opt.layers.items() if len(opt.factors[name]) == 2}
@@ -107,7 +110,7 @@ def test_parameters_outside_kronecker_blocks_follow_torch_adamw():
     twin.load_state_dict(model.state_dict())
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
     opt = KFAC(model, lr=0.01, weight_decay=0.1, eigen_adam=True, precondition=False)
-    ref = torch.optim.AdamW(twin.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8,
+    ref = torch.optim.AdamW(twin.parameters(), lr=0.01, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=0.1)
     for _ in range(4):
         _step(model, opt, x, y)
@@ -148,11 +151,14 @@ def test_no_damping_floor_warning_for_a_damping_it_does_not_use():
                                                                     for w in caught]
 
 
-def test_checkpoint_resumes_exactly():
+@pytest.mark.parametrize("factors, factor_options", [
+    ("projected", {"rank": 2}), ("eigh", {"refresh": "power"})])
+def test_checkpoint_resumes_exactly(factors, factor_options):
     torch.manual_seed(3)
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
     model = _model()
-    kw = dict(lr=1e-2, eigen_adam=True, factors="projected", factor_options={"rank": 2})
+    kw = dict(lr=1e-2, eigen_adam=True, factors=factors, factor_options=factor_options,
+              inverse_every=1)
     opt = KFAC(model, **kw)
     _step(model, opt, x, y)
     model2 = _model()

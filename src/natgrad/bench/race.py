@@ -64,6 +64,9 @@ SPACES: dict[str, dict[str, tuple[float, float]]] = {
 }
 #: the registry defaults of the non-lr hyperparameters (trial 0)
 KFAC_DEFAULTS = {"kl_clip": 1e-3, "damping": 1e-2}
+#: the optimizers every other is compared with (``speedup_vs_<name>_time`` / ``_steps``, per
+#: seed: the reference's own time over this optimizer's), each when raced
+REFERENCES = ("adamw", "muon")
 #: natgrad's own optimizers: their KL-clip binding is counted
 NATGRAD = ("kfac", "rkfac", "pkfac", "pkfac+adamw")
 
@@ -340,8 +343,9 @@ def _spread(values: Sequence[float | None]) -> dict[str, Any]:
 
 def summarize(cfg: RaceConfig, seeds: Mapping[int, Mapping[str, Mapping[str, Any]]],
               target: float | None = None) -> dict[str, Any]:
-    """Per optimizer: steps and own time to the target, final losses, ratios to AdamW (per
-    seed, AdamW's over its own: above 1 is sooner), with mean / min / max over seeds."""
+    """Per optimizer: steps and own time to the target, final losses, ratios to AdamW and, when
+    raced, to Muon (:data:`REFERENCES`; per seed, the reference's over its own: above 1 is
+    sooner), with mean / min / max over seeds."""
     if target is None:
         target = cfg.target
     if target is None:
@@ -352,13 +356,19 @@ def summarize(cfg: RaceConfig, seeds: Mapping[int, Mapping[str, Mapping[str, Any
     for name in cfg.optimizers:
         per = {s: seeds[s][name] for s in seeds}
         hits = {s: to_target(r["curve"], target) for s, r in per.items()}
-        time_ratio, step_ratio = [], []
-        for s in seeds:
-            ref = to_target(seeds[s]["adamw"]["curve"], target) if "adamw" in cfg.optimizers \
-                else (None, None)
-            mine = hits[s]
-            time_ratio.append(None if None in (ref[1], mine[1]) else ref[1] / mine[1])
-            step_ratio.append(None if None in (ref[0], mine[0]) else ref[0] / mine[0])
+        ratios: dict[str, dict[str, Any]] = {}
+        for ref_name in REFERENCES:
+            if ref_name != "adamw" and ref_name not in cfg.optimizers:
+                continue  # AdamW's ratios are always reported (None without AdamW)
+            time_ratio, step_ratio = [], []
+            for s in seeds:
+                ref = to_target(seeds[s][ref_name]["curve"], target) \
+                    if ref_name in cfg.optimizers else (None, None)
+                mine = hits[s]
+                time_ratio.append(None if None in (ref[1], mine[1]) else ref[1] / mine[1])
+                step_ratio.append(None if None in (ref[0], mine[0]) else ref[0] / mine[0])
+            ratios[f"speedup_vs_{ref_name}_time"] = _spread(time_ratio)
+            ratios[f"speedup_vs_{ref_name}_steps"] = _spread(step_ratio)
         clip = [r["clip_bound_fraction"] for r in per.values()]
         rows[name] = {
             "reached": sum(h[0] is not None for h in hits.values()),
@@ -367,8 +377,7 @@ def summarize(cfg: RaceConfig, seeds: Mapping[int, Mapping[str, Mapping[str, Any
             "final_validation_loss": _spread([r["final_validation_loss"] for r in per.values()]),
             "final_test_loss": _spread([r["final_test_loss"] for r in per.values()]),
             "step_ms": _spread([r["step_ms"] for r in per.values()]),
-            "speedup_vs_adamw_time": _spread(time_ratio),
-            "speedup_vs_adamw_steps": _spread(step_ratio),
+            **ratios,
             "clip_bound_fraction": None if any(c is None for c in clip) else _spread(clip),
         }
     return {"target": target, "target_source": "given" if cfg.target is not None
@@ -424,20 +433,31 @@ def format_race(doc: Mapping[str, Any]) -> str:
         m, lo, hi = (scale * d[k] for k in ("mean", "min", "max"))
         return f"{m:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
 
+    refs = reference_columns(summ)
     rows = []
     for name, r in summ["optimizers"].items():
         clip = r["clip_bound_fraction"]
         rows.append([name, format_setting(doc["tuning"][name]["picked"]),
                      f"{r['reached']}/{r['steps_to_target']['n']}",
                      cell(r["steps_to_target"]), cell(r["own_s_to_target"]),
-                     cell(r["speedup_vs_adamw_time"]), cell(r["final_validation_loss"], digits=4),
+                     *(cell(r[key]) for key in refs.values()),
+                     cell(r["final_validation_loss"], digits=4),
                      cell(r["final_test_loss"], digits=4), cell(r["step_ms"]),
                      "-" if clip is None else f"{100 * clip['mean']:.0f} %"])
     head = (f"target validation loss {summ['target']:.4g} ({summ['target_source']}); "
             "mean over seeds [min, max]")
     return head + "\n" + format_table(
-        ["optimizer", "picked", "reached", "steps to target", "own s to target",
-         "× AdamW (time)", "final val", "final test", "ms/step", "clip bound"], rows)
+        ["optimizer", "picked", "reached", "steps to target", "own s to target", *refs,
+         "final val", "final test", "ms/step", "clip bound"], rows)
+
+
+def reference_columns(summary: Mapping[str, Any]) -> dict[str, str]:
+    """``{"× AdamW (time)": "speedup_vs_adamw_time", …}``: the time ratios in the summary
+    (AdamW's always, Muon's when it was raced), in :data:`REFERENCES` order."""
+    first = next(iter(summary["optimizers"].values()), {})
+    labels = {"adamw": "AdamW", "muon": "Muon"}
+    return {f"× {labels[n]} (time)": f"speedup_vs_{n}_time" for n in REFERENCES
+            if f"speedup_vs_{n}_time" in first}
 
 
 def plot_race(doc: Mapping[str, Any], path: str | Path) -> Path:

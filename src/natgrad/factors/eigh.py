@@ -1,7 +1,25 @@
-"""Dense eigendecomposition ``F = Q diag(λ) Qᵀ`` (the K-FAC default): ``O(d³)`` per refresh."""
+"""Dense eigendecomposition ``F = Q diag(λ) Qᵀ`` (the K-FAC default): ``O(d³)`` per refresh.
+
+Two ways to refresh (:class:`EighOptions`): a fresh ``eigh`` every time, or SOAP's (Vyas et al.
+2024) — a full ``eigh`` at the first refresh, then one step of orthogonal (subspace) iteration
+from the previous basis per refresh::
+
+    Q ← Q[:, π]   (π orders the Rayleigh quotients diag(Qᵀ F Q), descending)
+    Q R = F Q     (a QR decomposition; signs so that diag(R) ≥ 0)
+    λ = diag(Qᵀ F Q), columns ordered by it (descending)
+
+two ``d × d`` products and a QR instead of an ``eigh`` (whose tridiagonal reduction runs
+mostly in matrix-vector products). On a fixed ``F`` repeated refreshes converge to the
+eigenbasis (column ``i`` at the rate ``max(λ_{i+1}/λ_i, λ_i/λ_{i−1})``); while ``F`` drifts the
+basis lags behind it, and ``λ`` are the Rayleigh quotients of the basis held (exact when it is
+an eigenbasis). Meant for users of the basis itself (``KFAC(eigen_adam=...)``, whose second
+moment is indexed by the eigenvalue's rank, as the columns here); a K-FAC solve with a lagging
+basis applies ``(Q diag(λ) Qᵀ + δ I)⁻¹``, not ``(F + δ I)⁻¹``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -9,11 +27,47 @@ from torch import Tensor
 
 from ..norms import all_finite
 from .base import DenseFactor, KroneckerFactor
+from .options import FactorOptions, check_choice
+
+#: the accepted :attr:`EighOptions.refresh` values
+REFRESHES = ("eigh", "power")
+
+
+@dataclasses.dataclass(frozen=True)
+class EighOptions(FactorOptions):
+    """Options of the ``eigh`` strategy.
+
+    Args:
+        refresh: ``"eigh"`` (default: a full eigendecomposition at every refresh) or
+            ``"power"`` (SOAP's: a full one at the first refresh, then one step of orthogonal
+            iteration ``Q R = F Q`` from the previous basis; module docstring).
+    """
+
+    refresh: str = "eigh"
+
+    def __post_init__(self) -> None:
+        check_choice("refresh", self.refresh, REFRESHES)
+
+
+def power_refresh(F: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of orthogonal iteration from the basis ``Q`` (``d × d``, orthonormal columns)
+    for the symmetric ``F`` (``d × d``): the columns of ``Q`` ordered by their Rayleigh
+    quotients, ``Q' R = F Q`` with ``diag(R) ≥ 0``; returns ``(Q', λ)`` with ``λ = diag(Q'ᵀ F
+    Q')`` clamped at 0 and both ordered by ``λ``, descending."""
+    FQ = F @ Q
+    order = torch.argsort((Q * FQ).sum(0), descending=True)
+    Qn, R = torch.linalg.qr(FQ[:, order])
+    sign = torch.where(R.diagonal() < 0, -1.0, 1.0).to(Qn.dtype)
+    Qn = Qn * sign
+    lam = (Qn * (F @ Qn)).sum(0)
+    order = torch.argsort(lam, descending=True)
+    return Qn[:, order], lam[order].clamp_min(0.0)
 
 
 class EighFactor(DenseFactor):
     name = "eigh"
     spectral = True
+    Options = EighOptions
     state_keys = ("F", "Q", "lam")
 
     def __init__(self, dim: int, options: Any = None, **kwargs: Any) -> None:
@@ -22,6 +76,9 @@ class EighFactor(DenseFactor):
         self.lam = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
 
     def _compute_inverse(self, damping: float, dtype: torch.dtype) -> dict[str, Any]:
+        if self.options.refresh == "power" and self.refreshed:
+            Q, lam = power_refresh(self.F.to(dtype), self.Q.to(dtype))
+            return {"Q": Q, "lam": lam}
         lam, Q = torch.linalg.eigh(self.F.to(dtype))
         return {"Q": Q.flip(1), "lam": lam.flip(0).clamp_min(0.0)}
 
@@ -31,11 +88,13 @@ class EighFactor(DenseFactor):
         :class:`EighFactor` of one size, dtype and device (the groups of a depthwise
         convolution: hundreds of ``10 × 10`` decompositions in one call); a failure or a
         non-finite result anywhere falls back to :meth:`refresh` one by one (its float64 retry
-        and error), so the outcome is that of the loop."""
+        and error), so the outcome is that of the loop. Power refreshes
+        (``refresh="power"`` after the first) go one by one."""
         f0 = factors[0] if factors else None
         if f0 is None or len(factors) < 2 or any(
                 type(f) is not EighFactor or (f.dim, f.dtype, f.device)
-                != (f0.dim, f0.dtype, f0.device) for f in factors):
+                != (f0.dim, f0.dtype, f0.device)
+                or (f.options.refresh == "power" and f.refreshed) for f in factors):
             return super().refresh_batch(factors, dampings)
         try:
             lam, Q = torch.linalg.eigh(torch.stack([f.F for f in factors]))
@@ -89,4 +148,8 @@ class EighFactor(DenseFactor):
         return self.lam
 
     def cost(self) -> float:
-        return float(self.dim) ** 3  # the dense eigh dominates
+        return float(self.dim) ** 3  # the dense eigh (or the products and QR) dominates
+
+    def describe(self) -> str:
+        return (f"eigh(d={self.dim}, power)" if self.options.refresh == "power"
+                else super().describe())

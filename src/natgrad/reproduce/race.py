@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-from ..bench.race import format_setting
+from ..bench.race import format_setting, reference_columns
 from .context import Context, available_optimizers
 from .format import figure, md_table, num
 
@@ -103,26 +103,30 @@ def race_md(doc: Mapping[str, Any]) -> str:
             f"{', '.join(map(str, cfg['seeds']))}, the optimizers taking turns step by step, "
             f"{cfg['threads']} thread; validation every {cfg['eval_every']} steps on "
             f"{cfg['eval_samples']} samples. Target validation loss {num(summ['target'], 4)} "
-            f"({summ['target_source']}). *× AdamW*: AdamW's own time to the target over this "
-            "optimizer's, per seed (above 1: sooner). *clip bound*: share of natgrad's steps "
+            f"({summ['target_source']}). "
+            + ("*× AdamW*, *× Muon*: AdamW's (Muon's)" if len(reference_columns(summ)) > 1
+               else "*× AdamW*: AdamW's")
+            + " own time to the target over this optimizer's, per seed (above 1: sooner). "
+            "*clip bound*: share of natgrad's steps "
             f"whose KL-clip set the step length. Load average at the end "
             f"{res['load_average_end']}."
             + (f" Not raced (missing): {', '.join(res['missing'])}." if res.get("missing")
                else ""))
+        refs = reference_columns(summ)
         rows = []
         for name, r in summ["optimizers"].items():
             picked = format_setting(res["tuning"][name]["picked"])
             clip = r["clip_bound_fraction"]
             rows.append([name, picked, f"{r['reached']}/{r['steps_to_target']['n']}",
                          _cell(r["steps_to_target"]), _cell(r["own_s_to_target"]),
-                         _cell(r["speedup_vs_adamw_time"]),
+                         *(_cell(r[key]) for key in refs.values()),
                          _cell(r["final_validation_loss"], 4), _cell(r["final_test_loss"], 4),
                          _cell(r["step_ms"]),
                          "–" if clip is None else f"{num(100 * clip['mean'])} %"])
         parts.append(md_table(["optimizer", "picked", "reached", "steps to target",
-                               "own s to target", "× AdamW (time)", "final val. loss",
+                               "own s to target", *refs, "final val. loss",
                                "final test loss", "ms / step", "clip bound"], rows,
-                              "llrrrrrrrr"))
+                              "ll" + "r" * (7 + len(refs))))
         if res.get("figure"):
             parts.append(figure(res["figure"], f"{model}: validation loss against own time"))
     return "\n\n".join(parts)
