@@ -223,3 +223,32 @@ def test_forward_mode_products_with_a_padding_row(case, cache, zoo):
     close(rev @ V, F @ V)
     E = EmpiricalFisher(model, (x, y), chunk_size=2)
     close(E @ V, zoo.dense_fisher(model, x, "empirical", y) @ V)
+
+
+def test_reverse_mode_rows_come_in_bounded_blocks(zoo, monkeypatch):
+    """The exact Fisher of a sequence without forward-mode AD has ``T·V`` rows per sample: they
+    are formed a block of rows at a time when one sample's rows exceed the block size, in the
+    same order and with the same values, and products and the diagonal are unchanged."""
+    from natgrad.fisher import ggn
+
+    model, x, y = zoo.build("transformer_sdpa")
+    op = ExactFisher(model, (x, y), chunk_size=2)
+    whole = torch.cat(list(op.sample_rows(1 << 40)))
+    blocked = list(op.sample_rows(op.dim * 3))  # three rows per vmapped backward
+    assert max(U.shape[0] for U in blocked) == 3 < whole.shape[0] // len(x)
+    close(torch.cat(blocked), whole)
+    V = _probes(op.dim)
+    ref = op @ V
+    monkeypatch.setattr(ggn, "ROW_BLOCK_ELEMENTS", op.dim * 5)
+    close(ExactFisher(model, (x, y), chunk_size=2) @ V, ref)
+
+
+def test_analyze_refuses_reverse_mode_rows_beyond_the_budget(zoo):
+    """A budget smaller than twice one sample's rows of B_n J_n fails before any product, naming
+    the Monte-Carlo Fisher (one row per sample)."""
+    from natgrad.fisher.budget import BudgetError
+
+    model, x, y = zoo.build("transformer_sdpa")
+    per_sample = ExactFisher(model, (x, y)).row_bytes_per_sample()
+    with pytest.raises(BudgetError, match="fisher='mc'"):
+        analyze(model, (x, y), "cross_entropy", top_k=2, memory_bytes=per_sample)

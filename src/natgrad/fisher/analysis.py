@@ -192,6 +192,18 @@ def analyze(
     kw = {"mc_samples": 1, "seed": seed} if fisher == "mc" else {}
     op = FISHERS[fisher](model, data, loss, chunk_size=chunk_size, cache=cache,
                          cache_bytes=cache_bytes, max_columns=1, output_key=output_key, **kw)
+    if memory_bytes is not None and op.choose_jacobian_mode() == "reverse":
+        # without forward-mode AD every product holds a chunk's rows of B_n J_n: R · P floats
+        # per sample (the exact Fisher of a sequence: R = T · V); half the budget at most
+        per_sample = op.row_bytes_per_sample()
+        if per_sample > memory_bytes // 2:
+            raise BudgetError(
+                f"the model has no forward-mode AD ({op.jacobian_mode_reason}), so every "
+                f"product with the {fisher} Fisher holds each sample's rows of B_n J_n: "
+                f"{per_sample / (1 << 30):.2f} GB per sample, more than half the memory "
+                f"budget of {memory_bytes / (1 << 30):.2f} GB; use fisher='mc' (natgrad "
+                "analyze --fisher mc: one row per sample) or a larger --memory-gb")
+        op.chunk_size = max(1, min(op.chunk_size, (memory_bytes // 2) // per_sample))
     layers = discover(model, [p for p in model.parameters() if p.requires_grad]).layers
     groups = {n: op.block_indices(n) for n in layers}
     report.update(params=op.dim, samples=op.num_samples, fisher=fisher, loss=loss,

@@ -89,6 +89,9 @@ from .base import LinearOperator
 from .layer_diagonal import ggn_diagonal
 from .pullback import ChunkPullback, layer_pullbacks
 
+#: per-sample rows formed per vmapped backward in the reverse-mode path (64 MB of float32)
+ROW_BLOCK_ELEMENTS = 1 << 24
+
 
 class _Chunk(NamedTuple):
     """One chunk's forward pass, ready for products: ``J v`` by ``jvp_fn``, ``Jᵀ u`` by
@@ -310,7 +313,7 @@ class GGNOperator(LinearOperator):
         if self.choose_jacobian_mode(x) == "reverse":
             with torch.no_grad():
                 B = self.output_factor(self._f(self._params, x), y, i)
-            U = torch.cat(list(self._chunk_rows(x, B, 1 << 62)))
+            U = torch.cat(list(self._chunk_rows(x, B, ROW_BLOCK_ELEMENTS)))
             return _Chunk(x, None, None, None, U.numel() * U.element_size() if estimate else 0,
                           U)
         out, vjp_fn = vjp(lambda p: self._f(p, x), self._params)
@@ -402,23 +405,37 @@ class GGNOperator(LinearOperator):
             yield from self._chunk_rows(x, B, memory_elements)
 
     def _chunk_rows(self, x: Any, B: Tensor, memory_elements: int) -> Iterator[Tensor]:
-        """Rows of ``B_n J_n`` of one chunk ``x`` with output factor ``B (m, R, C)``: ``(s · R,
-        P)`` per sub-chunk of ``s`` samples (``s · R · P ≤ memory_elements``). Reverse mode
-        only (one ``vjp`` per sample, vmapped over the samples and the ``R`` rows). A tied
-        parameter's columns sum its uses (``functional_call`` ties the weights)."""
+        """Rows of ``B_n J_n`` of one chunk ``x`` with output factor ``B (m, R, C)``, in order
+        (sample by sample, ``R`` rows each): ``(s · R, P)`` per sub-chunk of ``s`` samples
+        (``s · R · P ≤ memory_elements``), or, when one sample's ``R · P`` exceeds it (the exact
+        Fisher of a sequence: ``R = T · V``), ``(r, P)`` blocks of one sample's rows
+        (``r · P ≤ memory_elements``), so that the vmapped backward passes never hold more.
+        Reverse mode only (one ``vjp`` per sample, vmapped over the samples and the rows). A
+        tied parameter's columns sum its uses (``functional_call`` ties the weights)."""
 
         def rows(x1: Any, B1: Tensor) -> dict[str, Tensor]:
             one = map_tensors(x1, lambda t: t[None])  # the sample as a batch of one
             _, fn = vjp(lambda p: self._f(p, one)[0], self._params)
             return vmap(fn)(B1)[0]  # each (R, *shape)
 
-        sub = max(1, memory_elements // max(1, B.shape[1] * self.dim))
+        R = B.shape[1]
+        sub = max(1, memory_elements // max(1, R * self.dim))
+        block = R if R * self.dim <= memory_elements else max(1, memory_elements // self.dim)
         for s in range(0, batch_size(x), sub):
-            with warnings.catch_warnings():  # vmap's "no batching rule: a loop" (still exact)
-                warnings.filterwarnings("ignore", message=".*performance drop.*")
-                g = vmap(rows)(slice_batch(x, slice(s, s + sub)), B[s:s + sub])
-            n = g[self.names[0]].shape[0] * B.shape[1]
-            yield torch.cat([g[k].reshape(n, -1) for k in self.names], dim=1)
+            for r in range(0, R, block):
+                with warnings.catch_warnings():  # vmap's "no batching rule: a loop" (exact)
+                    warnings.filterwarnings("ignore", message=".*performance drop.*")
+                    g = vmap(rows)(slice_batch(x, slice(s, s + sub)), B[s:s + sub, r:r + block])
+                n = g[self.names[0]].shape[0] * g[self.names[0]].shape[1]
+                yield torch.cat([g[k].reshape(n, -1) for k in self.names], dim=1)
+
+    def row_bytes_per_sample(self) -> int:
+        """Bytes of one sample's rows of ``B_n J_n`` (``R · P`` floats): what the reverse-mode
+        products hold per sample of a chunk (:attr:`jacobian_mode`)."""
+        x, y = next(self.chunks(1))
+        with torch.no_grad():
+            R = self.output_factor(self._f(self._params, x), y, 0).shape[1]
+        return R * self.dim * torch.empty((), dtype=self.dtype).element_size()
 
     def diagonal(self, memory_elements: int = 1 << 25) -> Tensor:
         """The exact diagonal ``(1/N) Σ_n Σ_r ((B_n J_n)_{r,:})²``, shape ``(P,)``.
