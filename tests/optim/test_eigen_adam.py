@@ -9,33 +9,14 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _optim_cases import norm_mlp, step_with_grads
 from torch import nn
 
 from natgrad import KFAC
 from natgrad.fisher.dense import kron_dense, unvec, vec
 from natgrad.optim.eigen_adam import EigenAdamOptions
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _model():
-    return nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3))
-
-
-def _step(model, opt, x, y):
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    opt.step()
-    return grads
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _top_basis(F_dense, r):
@@ -53,7 +34,7 @@ def test_step_equals_dense_reference(factors, factor_options):
     and decoupled weight decay. The power refresh (SOAP's) sees the factors of the first step
     again at the second (statistics every 2 steps), where its basis is exact."""
     torch.manual_seed(0)
-    model = _model()
+    model = norm_mlp()
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     lr, wd, (b1, b2), eps = 0.05, 0.1, (0.8, 0.9), 1e-8
     rank = (factor_options or {}).get("rank")
@@ -74,10 +55,10 @@ def test_step_equals_dense_reference(factors, factor_options):
             out[name] = kron_dense(_top_basis(A.to_dense(), rA), _top_basis(G.to_dense(), rG))
         return out
 
-    g1 = _step(model, opt, x, y)
+    g1 = step_with_grads(model, opt, x, y)
     Q1 = bases()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    g2 = _step(model, opt, x[:8], y[:8])
+    g2 = step_with_grads(model, opt, x[:8], y[:8])
     Q2 = bases()
     params = dict(model.named_parameters())
     for name, helper in kron.items():
@@ -106,15 +87,15 @@ def test_step_equals_dense_reference(factors, factor_options):
 def test_parameters_outside_kronecker_blocks_follow_torch_adamw():
     """precondition=False (and the LayerNorm's parameters always) take torch's AdamW step."""
     torch.manual_seed(1)
-    model, twin = _model(), _model()
+    model, twin = norm_mlp(), norm_mlp()
     twin.load_state_dict(model.state_dict())
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
     opt = KFAC(model, lr=0.01, weight_decay=0.1, eigen_adam=True, precondition=False)
     ref = torch.optim.AdamW(twin.parameters(), lr=0.01, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=0.1)
     for _ in range(4):
-        _step(model, opt, x, y)
-        _step(twin, ref, x, y)
+        step_with_grads(model, opt, x, y)
+        step_with_grads(twin, ref, x, y)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q)
 
@@ -124,10 +105,10 @@ def test_lr_changes_the_trajectory_and_no_clip_is_recorded():
     finals = []
     for lr in (1e-3, 1e-2):
         torch.manual_seed(2)
-        model = _model()
+        model = norm_mlp()
         opt = KFAC(model, lr=lr, eigen_adam=True)
         for _ in range(3):
-            _step(model, opt, x, y)
+            step_with_grads(model, opt, x, y)
         finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
         assert opt.diagnostics()["kl_clip"]["steps"] == 0  # the second moment sets the length
     assert not torch.allclose(finals[0], finals[1])
@@ -146,7 +127,7 @@ def test_no_damping_floor_warning_for_a_damping_it_does_not_use():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            _step(model, opt, x, y)
+            step_with_grads(model, opt, x, y)
     assert not [w for w in caught if "damping" in str(w.message)], [str(w.message)
                                                                     for w in caught]
 
@@ -156,18 +137,18 @@ def test_no_damping_floor_warning_for_a_damping_it_does_not_use():
 def test_checkpoint_resumes_exactly(factors, factor_options):
     torch.manual_seed(3)
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
-    model = _model()
+    model = norm_mlp()
     kw = dict(lr=1e-2, eigen_adam=True, factors=factors, factor_options=factor_options,
               inverse_every=1)
     opt = KFAC(model, **kw)
-    _step(model, opt, x, y)
-    model2 = _model()
+    step_with_grads(model, opt, x, y)
+    model2 = norm_mlp()
     model2.load_state_dict(model.state_dict())
     opt2 = KFAC(model2, **kw)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as torch.save / torch.load would
     for _ in range(2):
-        _step(model, opt, x, y)
-        _step(model2, opt2, x, y)
+        step_with_grads(model, opt, x, y)
+        step_with_grads(model2, opt2, x, y)
     for p, q in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -185,7 +166,7 @@ def test_checkpoint_resumes_exactly(factors, factor_options):
 ])
 def test_bad_options_are_refused_by_name(kw, match):
     with pytest.raises(ValueError, match=match):
-        KFAC(_model(), **kw)
+        KFAC(norm_mlp(), **kw)
 
 
 def test_options_coerce():

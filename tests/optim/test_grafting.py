@@ -7,33 +7,13 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
+from _optim_cases import norm_mlp, step_with_grads
 
 from natgrad import KFAC
 from natgrad.fisher.dense import kron_dense, unvec, vec
 from natgrad.optim.grafting import GraftOptions
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _model():
-    return nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3))
-
-
-def _step(model, opt, x, y):
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    opt.step()
-    return grads
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("factors", ["eigh", "projected"])
@@ -41,15 +21,15 @@ def test_grafted_step_equals_dense_reference(factors):
     """Two steps; at the second, per preconditioned layer, Δ = −η (‖a‖/‖D‖) D with
     D = (A ⊗ G + λI)⁻¹ vec(m̂) (dense float64, exact damping), a = m̂ / (√v̂ + ε)."""
     torch.manual_seed(0)
-    model = _model()
+    model = norm_mlp()
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     lr, damping, (b1, b2), eps = 0.05, 0.1, (0.8, 0.9), 1e-8
     opt = KFAC(model, lr=lr, damping=damping, factors=factors, inverse_every=1,
                factor_options={"rank": 2} if factors == "projected" else None,
                graft={"betas": (b1, b2), "eps": eps})
-    g1 = _step(model, opt, x, y)
+    g1 = step_with_grads(model, opt, x, y)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    g2 = _step(model, opt, x[:8], y[:8])
+    g2 = step_with_grads(model, opt, x[:8], y[:8])
     pnames = {id(p): n for n, p in model.named_parameters()}
     m_hat = {n: ((1 - b1) * b1 * g1[n] + (1 - b1) * g2[n]) / (1 - b1**2) for n in g1}
     v_hat = {n: ((1 - b2) * b2 * g1[n] ** 2 + (1 - b2) * g2[n] ** 2) / (1 - b2**2) for n in g1}
@@ -75,14 +55,14 @@ def test_grafted_step_equals_dense_reference(factors):
 
 def test_not_preconditioned_parameters_follow_torch_adam():
     torch.manual_seed(1)
-    model, twin = _model(), _model()
+    model, twin = norm_mlp(), norm_mlp()
     twin.load_state_dict(model.state_dict())
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
     opt = KFAC(model, lr=0.01, graft="adam", precondition=False)
     ref = torch.optim.Adam(twin.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8)
     for _ in range(4):
-        _step(model, opt, x, y)
-        _step(twin, ref, x, y)
+        step_with_grads(model, opt, x, y)
+        step_with_grads(twin, ref, x, y)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q)
 
@@ -92,10 +72,10 @@ def test_lr_changes_the_trajectory_and_no_clip_is_recorded():
     finals = []
     for lr in (1e-3, 1e-2):
         torch.manual_seed(2)
-        model = _model()
+        model = norm_mlp()
         opt = KFAC(model, lr=lr, graft="adam")
         for _ in range(3):
-            _step(model, opt, x, y)
+            step_with_grads(model, opt, x, y)
         finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
         assert opt.diagnostics()["kl_clip"]["steps"] == 0  # the graft decides the length
     assert not torch.allclose(finals[0], finals[1])
@@ -104,16 +84,16 @@ def test_lr_changes_the_trajectory_and_no_clip_is_recorded():
 def test_checkpoint_resumes_exactly():
     torch.manual_seed(3)
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
-    model = _model()
+    model = norm_mlp()
     opt = KFAC(model, lr=1e-2, graft="adam", factors="projected")
-    _step(model, opt, x, y)
-    model2 = _model()
+    step_with_grads(model, opt, x, y)
+    model2 = norm_mlp()
     model2.load_state_dict(model.state_dict())
     opt2 = KFAC(model2, lr=1e-2, graft="adam", factors="projected")
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as torch.save / torch.load would
     for _ in range(2):
-        _step(model, opt, x, y)
-        _step(model2, opt2, x, y)
+        step_with_grads(model, opt, x, y)
+        step_with_grads(model2, opt2, x, y)
     for p, q in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -129,7 +109,7 @@ def test_checkpoint_resumes_exactly():
 ])
 def test_bad_graft_options_are_refused_by_name(kw, match):
     with pytest.raises(ValueError, match=match):
-        KFAC(_model(), **kw)
+        KFAC(norm_mlp(), **kw)
 
 
 def test_options_coerce():

@@ -10,13 +10,7 @@ from torch import nn
 from natgrad import KFAC
 from natgrad.fisher.dense import kron_dense, layer_fisher_block, unvec, vec
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _one_step(model, x, y, **kw):

@@ -39,13 +39,13 @@ weight decay is decoupled (AdamW's).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..blocks import KroneckerBlock
+from .hyper import adam_moments
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..factors import KroneckerFactor
@@ -70,15 +70,7 @@ class EigenAdamOptions:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        b = self.betas
-        if (not isinstance(b, (tuple, list)) or len(b) != 2
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                           and 0 <= x < 1 for x in b)):
-            raise ValueError(f"invalid eigen_adam betas={b!r}: expected two numbers in [0, 1)")
-        object.__setattr__(self, "betas", (float(b[0]), float(b[1])))
-        if (not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool)
-                or not math.isfinite(self.eps) or self.eps <= 0):
-            raise ValueError(f"invalid eigen_adam eps={self.eps!r}: expected a finite number > 0")
+        object.__setattr__(self, "betas", adam_moments("eigen_adam", self.betas, self.eps))
 
     @classmethod
     def coerce(cls, value: Any) -> EigenAdamOptions | None:

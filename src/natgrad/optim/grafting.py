@@ -24,12 +24,12 @@ is the momentum).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from .hyper import adam_moments
 from .update import solve_layers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,15 +49,7 @@ class GraftOptions:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        b = self.betas
-        if (not isinstance(b, (tuple, list)) or len(b) != 2
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                           and 0 <= x < 1 for x in b)):
-            raise ValueError(f"invalid graft betas={b!r}: expected two numbers in [0, 1)")
-        object.__setattr__(self, "betas", (float(b[0]), float(b[1])))
-        if (not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool)
-                or not math.isfinite(self.eps) or self.eps <= 0):
-            raise ValueError(f"invalid graft eps={self.eps!r}: expected a finite number > 0")
+        object.__setattr__(self, "betas", adam_moments("graft", self.betas, self.eps))
 
     @classmethod
     def coerce(cls, value: Any) -> GraftOptions | None:

@@ -81,3 +81,17 @@ def resolve(name: str, value: Schedule, step: int) -> Any:
     """The value of ``name`` at ``step`` (calls it when callable), validated, as a Python
     number."""
     return normalize(name, value(step) if callable(value) else value)
+
+
+def adam_moments(owner: str, betas: Any, eps: Any) -> tuple[float, float]:
+    """Adam's ``(β₁, β₂)`` as floats, after checking them and ``eps`` (each β a number in
+    ``[0, 1)``, ε a finite number ``> 0``); the errors name ``owner``'s options (e.g.
+    ``"graft"``, ``"eigen_adam"``)."""
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1
+                       for x in betas)):
+        raise ValueError(f"invalid {owner} betas={betas!r}: expected two numbers in [0, 1)")
+    if (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps)
+            or eps <= 0):
+        raise ValueError(f"invalid {owner} eps={eps!r}: expected a finite number > 0")
+    return float(betas[0]), float(betas[1])
