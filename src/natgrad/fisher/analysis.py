@@ -287,17 +287,20 @@ def analyze(
 
     names = list(layers)
     layer_tops: dict[str, GramEigenpairs] = {}
-    eigenvalues = None
+    eigenvalues = gram_top = None
     stage("top_k")
     if use_gram:
         assert isinstance(op, RowFisher)
-        top, eigenvalues, layer_tops = _gram_spectrum(
+        gram_top, eigenvalues, layer_tops = _gram_spectrum(
             op, {n: groups[n] for n in names}, top_k, tol, seed, dense_block_max, density)
-        report["spectrum"] = {"method": top.method, "rows": n_rows}
-        residuals = lifted_residuals(op, op, top)
-        top = Eigenpairs(values=top.values, vectors=top.dual, residuals=residuals,
-                         converged=bool((residuals <= tol).all()), steps=top.steps + len(residuals),
-                         tol=tol, smallest_ritz=float(eigenvalues[0]) if eigenvalues is not None
+        report["spectrum"] = {"method": gram_top.method, "rows": n_rows}
+        residuals = lifted_residuals(op, op, gram_top)
+        # the top vectors stay in the Gram's coordinates (gram_top.dual): never (P, k)
+        top = Eigenpairs(values=gram_top.values,
+                         vectors=torch.empty(0, len(residuals), dtype=op.dtype),
+                         residuals=residuals, converged=bool((residuals <= tol).all()),
+                         steps=gram_top.steps + len(residuals), tol=tol,
+                         smallest_ritz=float(eigenvalues[0]) if eigenvalues is not None
                          else float("nan"))
     else:
         report["spectrum"] = {"method": "lanczos (products with F)"}
@@ -323,9 +326,8 @@ def analyze(
         pairs = kfac_top_eigenpairs(K, top_k)
         kvectors = pairs[1] if pairs is not None else lanczos_topk(
             K, k=top_k, tol=tol, seed=seed, **lanczos_kw).vectors
-        overlaps[key] = (lifted_overlap(op, GramEigenpairs(top.values, top.vectors, 0, ""),
-                                        kvectors) if use_gram else
-                         subspace_overlap(top.vectors, kvectors))
+        overlaps[key] = (subspace_overlap(top.vectors, kvectors) if gram_top is None else
+                         lifted_overlap(op, gram_top, kvectors))
         del kvectors, pairs
     top = replace(top, vectors=top.vectors.new_empty(0, top.vectors.shape[1]))
     done("top_k")

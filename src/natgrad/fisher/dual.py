@@ -21,7 +21,6 @@ and one block's, or the sum and LAPACK's copy of it).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from .base import LinearOperator
 from .lanczos import lanczos_topk
+from .quality import column_norms
 from .results import Quadrature
 from .rows import RowFisher
 
@@ -97,8 +97,7 @@ def lifted(rows: RowFisher, dual: Tensor) -> Iterator[tuple[Tensor, float]]:
     N, R = rows.num_samples, rows.rows_per_sample
     for i in range(dual.shape[1]):
         v = rows.apply_rows_t(dual[:, i].reshape(N, R, 1).to(rows.dtype))[:, 0]
-        norm = math.sqrt(sum(float(v[a:a + (1 << 20)].double().pow(2).sum())
-                             for a in range(0, v.numel(), 1 << 20)))
+        norm = float(column_norms(v[:, None])[0])
         yield v.div_(max(norm, 1e-300)), norm
 
 
@@ -109,10 +108,9 @@ def lifted_residuals(op: LinearOperator, rows: RowFisher, pairs: GramEigenpairs)
     res = torch.zeros(pairs.dual.shape[1], dtype=torch.float64)
     for i, (v, _) in enumerate(lifted(rows, pairs.dual)):
         lam = float(pairs.values[i])
-        Fv = op @ v[:, None]
-        sq = sum(float((Fv[a:a + (1 << 20), 0].double() - lam * v[a:a + (1 << 20)].double())
-                       .pow(2).sum()) for a in range(0, v.numel(), 1 << 20))
-        res[i] = math.sqrt(sq) / max(abs(lam), 1e-300)
+        v = v[:, None]
+        Fv = op @ v
+        res[i] = float(column_norms(Fv, v.mul_(lam))[0]) / max(abs(lam), 1e-300)  # ‖Fv − λv‖
         del Fv, v
     return res
 
