@@ -1,14 +1,14 @@
 """Optimizers and the registry that builds them by name.
 
-``natgrad.optim.KFAC`` and :class:`PreconditionedOptimizer` are imported on first use, so the
-registry (read by the command line's help) loads without torch.
+``natgrad.optim.KFAC``, :class:`EigenAdam` and :class:`PreconditionedOptimizer` are imported on
+first use, so the registry (read by the command line's help) loads without torch.
 """
 
 from typing import Any
 
 from .registry import OPTIMIZERS, OptimizerSpec, make_optimizer
 
-__all__ = ["KFAC", "OPTIMIZERS", "EigenAdamOptions", "GraftOptions", "OptimizerSpec",
+__all__ = ["KFAC", "OPTIMIZERS", "EigenAdam", "EigenAdamOptions", "GraftOptions", "OptimizerSpec",
            "PreconditionedOptimizer", "RelativeClip", "make_optimizer"]
 
 
@@ -25,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from .grafting import GraftOptions
 
         return GraftOptions
+    if name == "EigenAdam":
+        from .eigen_adam_optimizer import EigenAdam
+
+        return EigenAdam
     if name == "EigenAdamOptions":
         from .eigen_adam import EigenAdamOptions
 

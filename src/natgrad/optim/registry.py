@@ -225,19 +225,30 @@ OPTIMIZERS["pkfac+adamw"] = OptimizerSpec(
     description="projected K-FAC preconditioner (pkfac's schedule) in front of AdamW",
 )
 
-#: the schedule of ``eigenadam`` / ``peigenadam``: K-FAC's bases refreshed every 10 steps (as
-#: SOAP's precondition_frequency 10), decoupled weight decay at AdamW's 0.01
-EIGEN_ADAM = {"curvature_every": 10, "inverse_every": 10, "factor_decay": 0.8,
-              "eigen_adam": True, "weight_decay": 0.01}
+def _eigen_adam(strategy: str) -> Factory:
+    """A factory for :class:`natgrad.optim.EigenAdam` (its shipped schedule: curvature and bases
+    every 10 steps, factor decay 0.8, AdamW's weight decay 0.01) with the named strategy."""
+
+    def factory(model: nn.Module, params: Params, lr: float, loss_kind: str,
+                **kw: Any) -> torch.optim.Optimizer:
+        from .eigen_adam_optimizer import EigenAdam
+
+        return EigenAdam(model, lr=lr, params=params, loss=loss_kind,
+                         **{"factors": strategy, **kw})
+
+    return factory
+
 
 OPTIMIZERS["eigenadam"] = OptimizerSpec(
     # lr: SOAP's default (Vyas et al. 2024), the update being SOAP's in K-FAC's basis
-    _kfac_strategy("eigh", **EIGEN_ADAM), default_lr=3e-3,
-    description="Adam in K-FAC's Kronecker eigenbasis (dense eigh, refreshed every 10 steps)",
+    _eigen_adam("eigh"), default_lr=3e-3,
+    description="natgrad.EigenAdam: Adam in K-FAC's Kronecker eigenbasis (dense eigh, "
+                "refreshed every 10 steps)",
     strategy="eigh",
 )
 OPTIMIZERS["peigenadam"] = OptimizerSpec(
-    _kfac_strategy("projected", **EIGEN_ADAM), default_lr=3e-3,
-    description="Adam in projected K-FAC's rank-24 eigenbasis, Adam on its complement",
+    _eigen_adam("projected"), default_lr=3e-3,
+    description="natgrad.EigenAdam(factors='projected'): Adam in projected K-FAC's rank-24 "
+                "eigenbasis, Adam on its complement",
     strategy="projected",
 )
