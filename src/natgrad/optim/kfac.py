@@ -42,6 +42,7 @@ from ..curvature.hooks import check_capture_options
 from ..curvature.outputs import check_output_key
 from ..distributed.kfac import resolve as resolve_distributed
 from ..factors import FactorRefreshError, KroneckerFactor, get_strategy
+from ..factors.options import check_optional_int
 from ..layers import LayerHelper
 from ..likelihoods import ALIASES, LIKELIHOODS, get_likelihood
 from ..norms import finite_total, squared_norms
@@ -220,6 +221,12 @@ class KFAC(torch.optim.Optimizer):
             rotated gradient, as SOAP; :mod:`natgrad.optim.eigen_adam`); needs a spectral
             strategy; ``lr`` has Adam's units, weight decay is decoupled, no KL-clip, no
             ``momentum``. Other parameters take AdamW's step.
+        max_statistics_rows: ``None`` (default: every row) or the most rows (samples ×
+            locations) a Linear / Conv2d layer's statistics take from one forward: a larger
+            call contributes its first ``⌈max_statistics_rows / T⌉`` samples, weighted so the
+            factors' expectation is unchanged (:func:`natgrad.curvature.hooks.sub_batch`). For
+            convolutions, whose patch rows and ``AᵀA`` grow with batch × locations; a layer
+            with one location per sample is left alone below ``max_statistics_rows`` samples.
 
     Every scalar hyperparameter may also be a callable ``step -> value``; numbers may be NumPy
     scalars or one-element tensors, as in ``torch.optim``.
@@ -253,6 +260,7 @@ class KFAC(torch.optim.Optimizer):
         preconditioner: bool = False,
         graft: Any = None,
         eigen_adam: Any = None,
+        max_statistics_rows: int | None = None,
     ) -> None:
         # ---- validate everything before any state exists
         if not isinstance(model, nn.Module):
@@ -273,6 +281,7 @@ class KFAC(torch.optim.Optimizer):
         fisher = check_fisher(fisher)
         options = get_strategy(factors).Options.coerce(factor_options)
         check_factor_dtype(factor_dtype)
+        check_optional_int("max_statistics_rows", max_statistics_rows)
         _check_choices(precondition, seed, output_key, loss_reduction, accumulation,
                        grad_scaler)
         if not isinstance(preconditioner, bool):
@@ -320,7 +329,8 @@ class KFAC(torch.optim.Optimizer):
         self._capture = HookCapture(net, self.curvature.layers, get_likelihood(loss),
                                     fisher=fisher, generator=self._generator,
                                     output_key=output_key, loss_reduction=loss_reduction,
-                                    accumulation=accumulation, grad_scaler=grad_scaler)
+                                    accumulation=accumulation, grad_scaler=grad_scaler,
+                                    max_rows=max_statistics_rows)
         self.steps = 0
         self.skipped_steps = 0
         self.skipped_curvature_updates = 0
