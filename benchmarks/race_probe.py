@@ -1,9 +1,10 @@
-"""A quick look before a race: registry optimizers on ``natgrad race``'s task (the character GPT
-on shakespeare_char, batch 32 × 64), taking turns step by step in one process, one thread, one
-seed; validation loss (512 samples) and own ms per step every 50 steps.
+"""A quick look before a race: registry optimizers on ``natgrad race``'s task (default the
+character GPT on shakespeare_char, batch 32 × 64; ``--model resnet8`` the image race), taking
+turns step by step in one process, one thread, one seed; validation loss (512 samples) and own
+ms per step every 50 steps.
 
     PYTHONPATH=src python benchmarks/race_probe.py 150 "muon:lr=0.05" "eigenadam:lr=3e-3" \\
-        "eigenadam:lr=3e-3,eigen_adam=dict(betas=(0.9,0.99))" "eigenadam:lr=3e-3,fisher='empirical'"
+        "eigenadam:lr=3e-3,betas=(0.9,0.99)" "eigenadam:lr=3e-3,fisher='empirical'"
 
 Each spec is ``registry name:keyword arguments`` (Python syntax, passed to the optimizer's
 factory; ``ramp(early, late, switch)`` is the schedule ``step -> early if step < switch else
@@ -55,10 +56,13 @@ def main() -> None:
     p.add_argument("steps", type=int)
     p.add_argument("specs", nargs="+")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="gpt", help="registry model (default gpt)")
+    p.add_argument("--batch", type=int, default=32, help="samples per step (default 32)")
     a = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    task = load_task(RaceConfig(optimizers=("adamw",), steps=a.steps))
+    task = load_task(RaceConfig(model=a.model, optimizers=("adamw",), steps=a.steps,
+                                batch=a.batch))
     runs = {s: Runner(task, *parse(s), a.seed) for s in a.specs}
     for k in range(1, a.steps + 1):
         for r in runs.values():

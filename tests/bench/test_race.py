@@ -89,6 +89,15 @@ def test_the_clip_share_is_the_optimizers_own_count(kl_clip, bound):
     assert opt.diagnostics()["kl_clip"]["steps"] == 3 and clip_bound_fraction(opt) == bound
 
 
+@pytest.mark.parametrize("make", [lambda m: natgrad.EigenAdam(m), lambda m: natgrad.KFAC(
+    m, kl_clip=None)])
+def test_without_a_clip_the_share_is_zero(make):
+    """EigenAdam (Adam sets the step length) and K-FAC with ``kl_clip=None``: the learning rate
+    sets every step, which the race's JSON says as 0, not as "not counted"."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    assert clip_bound_fraction(make(model)) == 0.0
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"optimizers": ("sgd",)}, "without adamw"),
     ({"optimizers": ("adamw", "rkfac")}, "no tuning space"),

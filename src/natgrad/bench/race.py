@@ -67,8 +67,9 @@ KFAC_DEFAULTS = {"kl_clip": 1e-3, "damping": 1e-2}
 #: the optimizers every other is compared with (``speedup_vs_<name>_time`` / ``_steps``, per
 #: seed: the reference's own time over this optimizer's), each when raced
 REFERENCES = ("adamw", "muon")
-#: natgrad's own optimizers: their KL-clip binding is counted
-NATGRAD = ("kfac", "rkfac", "pkfac", "pkfac+adamw")
+#: natgrad's own optimizers: their KL-clip binding is counted (0 for those without a clip:
+#: EigenAdam's step length is Adam's, the learning rate sets every step)
+NATGRAD = ("kfac", "rkfac", "pkfac", "pkfac+adamw", "eigenadam", "peigenadam")
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,11 @@ def load_task(cfg: RaceConfig) -> Task:
 def clip_bound_fraction(opt: Any) -> float | None:
     """Share of the steps on which the KL-clip bound, from the optimizer's own count
     (``diagnostics()["kl_clip"]`` of :class:`natgrad.KFAC`, or of the preconditioner of a
-    :class:`~natgrad.optim.PreconditionedOptimizer`); ``None`` when it counted no step."""
+    :class:`~natgrad.optim.PreconditionedOptimizer`); 0 for an optimizer without a clip
+    (``kl_clip=None``: :class:`natgrad.EigenAdam`, a graft); ``None`` when it counted no step."""
     kfac = opt if hasattr(opt, "diagnostics") else getattr(opt, "preconditioner", None)
+    if kfac is not None and hasattr(kfac, "kl_clip") and kfac.kl_clip is None:
+        return 0.0
     diag = kfac.diagnostics() if hasattr(kfac, "diagnostics") else None
     clip = diag.get("kl_clip") if isinstance(diag, Mapping) else None
     if not isinstance(clip, Mapping) or not clip.get("steps"):
