@@ -4,6 +4,11 @@
 final one — how the verdict depends on where the target sits on the curves.
 
     PYTHONPATH=src python benchmarks/race_targets.py docs/results/race.json 2.0,1.8,1.7,1.65
+    PYTHONPATH=src python benchmarks/race_targets.py docs/results/race.json 0.1,0.066 \\
+        --model resnet8 --per-seed adamw,sgd
+
+``--per-seed`` adds, per seed, each optimizer's own time to the target against the named
+optimizers' (their time over its; "never" where it did not get there, "-" where they did not).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from natgrad.bench.race import RaceConfig, summarize
+from natgrad.bench.race import RaceConfig, summarize, to_target
 
 
 def cell(d: dict) -> str:
@@ -26,7 +31,10 @@ def main() -> None:
     p.add_argument("json")
     p.add_argument("targets", help="comma list of validation losses")
     p.add_argument("--model", default="gpt", help="the model, for docs/results/race.json")
+    p.add_argument("--per-seed", default="", metavar="R1,R2",
+                   help="per-seed time ratios against these optimizers")
     a = p.parse_args()
+    per_seed = [r for r in a.per_seed.split(",") if r]
     doc = json.loads(Path(a.json).read_text())
     doc = doc.get("models", {}).get(a.model, doc)
     cfg = RaceConfig(**{**doc["config"], "hidden": None if doc["config"]["hidden"] is None
@@ -44,6 +52,23 @@ def main() -> None:
             print(f"  {name:12s} {r['reached']}/{r['steps_to_target']['n']}  steps "
                   f"{cell(r['steps_to_target']):24s} own s {cell(r['own_s_to_target']):24s} "
                   f"{refs}")
+            if per_seed and name not in per_seed:
+                print(f"  {'':12s} per seed: {per_seed_ratios(seeds, name, per_seed, target)}")
+
+
+def per_seed_ratios(seeds: dict, name: str, refs: list[str], target: float) -> str:
+    """``s<seed>: × <ref> <ratio>`` for each seed and reference: the reference's own time to
+    ``target`` over ``name``'s."""
+    out = []
+    for seed, runs in seeds.items():
+        own = to_target(runs[name]["curve"], target)[1]
+        cells = []
+        for ref in refs:
+            theirs = to_target(runs[ref]["curve"], target)[1]
+            cells.append(f"x {ref} " + ("never" if own is None else "-" if theirs is None
+                                        else f"{theirs / own:.2f}"))
+        out.append(f"s{seed}: " + ", ".join(cells))
+    return " | ".join(out)
 
 
 if __name__ == "__main__":
