@@ -26,6 +26,7 @@ from ._model import Data
 from .budget import AnalysisPlan, BudgetError, plan_analysis
 from .dual import (
     GramEigenpairs,
+    disjoint,
     exact_quadrature,
     gram_eigenvalues,
     gram_topk,
@@ -91,8 +92,7 @@ def _gram_spectrum(rows: RowFisher, groups: dict[str, list[int]], top_k: int, to
     sizes = {name: sum(rows.sizes[i] for i in idx) for name, idx in groups.items()}
     wanted = {name for name, d in sizes.items() if d > dense_block_max and n < d}
     layer_tops: dict[str, GramEigenpairs] = {}
-    claimed = [i for idx in groups.values() for i in idx]
-    if len(claimed) == len(set(claimed)):  # the layers' Grams add up to the whole one
+    if disjoint(groups):  # the layers' Grams add up to the whole one
         K = None
         for name, S in layer_grams(rows, groups):
             if name in wanted:

@@ -143,16 +143,24 @@ def exact_quadrature(eigenvalues: Tensor, dim: int) -> Quadrature:
     return Quadrature(nodes[None], weights[None], dim, exact=True)
 
 
+def disjoint(groups: dict[str, Sequence[int]]) -> bool:
+    """Whether no parameter index is in two groups: then the groups' Grams and the rest's add
+    up to ``U Uᵀ`` (:func:`layer_grams`)."""
+    claimed = [i for g in groups.values() for i in g]
+    return len(claimed) == len(set(claimed))
+
+
 def layer_grams(rows: RowFisher, groups: dict[str, Sequence[int]]) -> Iterator[
         tuple[str | None, Tensor]]:
     """``(name, U_ℓ U_ℓᵀ)`` for each group of parameter indices, then ``(None, rest)`` for the
-    parameters in no group (when there are any); the groups must be disjoint, so that the sum
-    of everything yielded is ``U Uᵀ``. One Gram is made at a time (the caller adds it up)."""
-    claimed = [i for g in groups.values() for i in g]
-    if len(claimed) != len(set(claimed)):
+    parameters in no group (when there are any); the groups must be :func:`disjoint`, so that
+    the sum of everything yielded is ``U Uᵀ``. One Gram is made at a time (the caller adds it
+    up)."""
+    if not disjoint(groups):
         raise ValueError("layer_grams needs disjoint groups of parameters")
     for name, idx in groups.items():
         yield name, rows.restrict([rows.names[i] for i in idx]).row_gram()
-    rest = [n for i, n in enumerate(rows.names) if i not in set(claimed)]
+    claimed = {i for g in groups.values() for i in g}
+    rest = [n for i, n in enumerate(rows.names) if i not in claimed]
     if rest:
         yield None, rows.restrict(rest).row_gram()
