@@ -91,7 +91,7 @@ def test_parameters_outside_kronecker_blocks_follow_torch_adamw():
     twin.load_state_dict(model.state_dict())
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
     opt = KFAC(model, lr=0.01, weight_decay=0.1, eigen_adam=True, precondition=False)
-    ref = torch.optim.AdamW(twin.parameters(), lr=0.01, betas=(0.9, 0.95), eps=1e-8,
+    ref = torch.optim.AdamW(twin.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8,
                             weight_decay=0.1)
     for _ in range(4):
         step_with_grads(model, opt, x, y)
