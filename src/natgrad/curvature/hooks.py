@@ -91,7 +91,11 @@ class _Record:
     handle: Any = None
     kept: Any = None  # the helper's record of the forward (LayerHelper.record)
     sub: int | None = None  # statistics from the first ``sub`` samples only (max_rows)
-    weight: float = 1.0  # their rows' weight, √(samples / sub)
+
+    @property
+    def weight(self) -> float:
+        """The weight of the rows of the first :attr:`sub` samples, ``√(samples / sub)``."""
+        return 1.0 if self.sub is None else math.sqrt(self.samples / self.sub)
 
 
 @dataclass
@@ -267,15 +271,11 @@ class HookCapture:
             edge = get_gradient_edge(output)
             samples, locations = x.shape[0], helper.locations(output)
             sub = sub_batch(helper, samples, locations, self.max_rows)
-            if sub is None:
-                kept = helper.record(x, output)
-                a, weight = helper.a_rows(kept), 1.0
-            else:
-                kept = helper.record(x[:sub], output[:sub])
-                weight = math.sqrt(samples / sub)
-                a = helper.a_rows(kept) * weight
-            record = _Record(name, a, samples, locations, edge, kept=kept, sub=sub,
-                             weight=weight)
+            kept = helper.record(x[:sub], output[:sub])  # [:None] is the whole call
+            record = _Record(name, helper.a_rows(kept), samples, locations, edge, kept=kept,
+                             sub=sub)
+            if sub is not None:
+                record.a = record.a * record.weight  # and so are its G rows (_g_rows)
             record.handle = edge.node.register_prehook(self._grad_hook(record, helper))
             owner = self._current
             if owner is None:  # called outside a forward of the model

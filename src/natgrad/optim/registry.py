@@ -164,15 +164,21 @@ def make_optimizer(
     return spec.factory(model, params, lr, loss_kind, **kwargs)
 
 
-def _kfac_strategy(strategy: str, **defaults: Any) -> Factory:
-    """A factory for :class:`natgrad.KFAC` with the named factor strategy and default options."""
+def _kfac() -> type:
+    from .kfac import KFAC
+
+    return KFAC
+
+
+def _kfac_strategy(strategy: str, optimizer: Callable[[], type] = _kfac,
+                   **defaults: Any) -> Factory:
+    """A factory for :class:`natgrad.KFAC` (or the subclass ``optimizer()`` returns, imported
+    on first use) with the named factor strategy and default options."""
 
     def factory(model: nn.Module, params: Params, lr: float, loss_kind: str,
                 **kw: Any) -> torch.optim.Optimizer:
-        from .kfac import KFAC
-
         kw = {"factors": strategy, **defaults, **kw}
-        return KFAC(model, lr=lr, params=params, loss=loss_kind, **kw)
+        return optimizer()(model, lr=lr, params=params, loss=loss_kind, **kw)
 
     return factory
 
@@ -225,29 +231,23 @@ OPTIMIZERS["pkfac+adamw"] = OptimizerSpec(
     description="projected K-FAC preconditioner (pkfac's schedule) in front of AdamW",
 )
 
-def _eigen_adam(strategy: str) -> Factory:
-    """A factory for :class:`natgrad.optim.EigenAdam` (its shipped schedule: curvature and bases
-    every 10 steps, factor decay 0.8, AdamW's weight decay 0.01) with the named strategy."""
+def _eigen_adam() -> type:
+    """:class:`natgrad.optim.EigenAdam` (its shipped schedule: curvature and bases every 10
+    steps, factor decay 0.8, AdamW's weight decay 0.01)."""
+    from .eigen_adam_optimizer import EigenAdam
 
-    def factory(model: nn.Module, params: Params, lr: float, loss_kind: str,
-                **kw: Any) -> torch.optim.Optimizer:
-        from .eigen_adam_optimizer import EigenAdam
-
-        return EigenAdam(model, lr=lr, params=params, loss=loss_kind,
-                         **{"factors": strategy, **kw})
-
-    return factory
+    return EigenAdam
 
 
 OPTIMIZERS["eigenadam"] = OptimizerSpec(
     # lr: SOAP's default (Vyas et al. 2024), the update being SOAP's in K-FAC's basis
-    _eigen_adam("eigh"), default_lr=3e-3,
+    _kfac_strategy("eigh", _eigen_adam), default_lr=3e-3,
     description="natgrad.EigenAdam: Adam in K-FAC's Kronecker eigenbasis (dense eigh, "
                 "refreshed every 10 steps)",
     strategy="eigh",
 )
 OPTIMIZERS["peigenadam"] = OptimizerSpec(
-    _eigen_adam("projected"), default_lr=3e-3,
+    _kfac_strategy("projected", _eigen_adam), default_lr=3e-3,
     description="natgrad.EigenAdam(factors='projected'): Adam in projected K-FAC's rank-24 "
                 "eigenbasis, Adam on its complement",
     strategy="projected",
