@@ -60,3 +60,34 @@ def test_bad_cap_is_refused_before_any_state(cap):
     with pytest.raises(ValueError, match="max_statistics_rows"):
         natgrad.KFAC(model, max_statistics_rows=cap)
     assert all(not m._forward_hooks for m in model.modules())
+
+
+
+def test_capped_resnet_block_factors_are_those_of_the_first_samples():
+    """The registry's ResNet-8 (basic blocks with BatchNorm in train mode, so a step on fewer
+    samples would change every activation): each capped convolution's ``A`` is the mean of the
+    patch outer products of the first ``k`` samples of the very forward the step took."""
+    from natgrad.data import dataset_info
+    from natgrad.models import build_model, default_dataset
+
+    torch.manual_seed(0)
+    info = dataset_info(default_dataset("resnet8"))
+    model = build_model("resnet8", info).double()
+    seen = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(lambda m, inp, out, name=name: seen.update(
+                {name: (inp[0].detach(), out.shape[-2] * out.shape[-1])}))
+    opt = natgrad.KFAC(model, lr=0.1, fisher="empirical", max_statistics_rows=1000)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, *info.input_shape, dtype=torch.float64, generator=g)
+    F.cross_entropy(model(x), torch.arange(6) % info.num_classes).backward()
+    opt.step()
+    capped = 0
+    for name, (inputs, locations) in seen.items():
+        helper, (A, _) = opt.layers[name], opt.factors[name]
+        k = sub_batch(helper, 6, locations, 1000) or 6
+        rows = helper.input_rows(inputs[:k])
+        torch.testing.assert_close(A.to_dense(), rows.T @ rows / k, rtol=1e-12, atol=1e-14)
+        capped += k < 6
+    assert capped >= 3  # the stem's and the first stage's 28 × 28 convolutions
